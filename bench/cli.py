@@ -1,0 +1,119 @@
+"""The ``bench`` command line: a thin click layer over the library functions."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from . import config as config_mod
+from .errors import BenchError
+
+console = Console(highlight=False)
+
+
+def experiment_options(f):
+    """Options shared by every command that builds a model or trains: experiment file and overrides."""
+    options = [
+        click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
+        click.option("--norm", type=click.Choice(config_mod.NORMS), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
+        click.option("--preset", help="Model preset: seed_bn, seed_gn."),
+        click.option("--width", type=float, help="Width multiplier on the preset's channels."),
+        click.option("--groups", type=int, help="GroupNorm groups."),
+        click.option("--dropout", type=float),
+        click.option("--lr", type=float, help="Peak learning rate."),
+        click.option("--epochs", type=int),
+        click.option("--batch-size", type=int),
+        click.option("--seed", type=int),
+        click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Any other hyperparameter, e.g. --set weight_decay=1e-4 (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def data_options(f):
+    f = click.option("--download", is_flag=True, help="Download CIFAR-10 with torchvision if it is not found.")(f)
+    f = click.option("--data-dir", type=click.Path(file_okay=False), help="CIFAR-10 folder (default: $BENCH_DATA_DIR, else ./data).")(f)
+    return f
+
+
+def load_experiment(experiment_file, norm, assignments=(), **values) -> config_mod.Experiment:
+    """The experiment file (explicit, or experiments/<norm>.toml), then flags on top."""
+    path = experiment_file or config_mod.find_experiment(norm or "bn")
+    exp = config_mod.load(path)
+    flags = {k: v for k, v in values.items() if v is not None}
+    config_mod.override(exp, **{**config_mod.parse_assignments(assignments), **flags, "norm": norm})
+    return exp
+
+
+def friendly_errors(f):
+    """Turn user-facing errors into one line on stderr and exit status 2."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except BenchError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bench")
+def cli():
+    """Experiment-tracked benchmarking of small CNNs on CIFAR-10."""
+
+
+@cli.command()
+@experiment_options
+@friendly_errors
+def summary(experiment_file, norm, assignments, **values):
+    """Per-layer table (output shape, parameters) and whether the model fits the budget."""
+    from .models import count_params, create_model, make_summary
+
+    exp = load_experiment(experiment_file, norm, assignments, **values)
+    model = create_model(**model_kwargs(exp))
+    console.print(make_summary(model))
+    n, budget = count_params(model), exp.budget.max_params
+    verdict = "[green]within[/]" if n <= budget else "[red]OVER[/]"
+    console.print(f"{exp.model.preset} norm={exp.model.norm}: {n:,} parameters, {verdict} the budget of {budget:,}")
+
+
+def model_kwargs(exp: config_mod.Experiment) -> dict:
+    m = exp.model
+    return {"preset": m.preset, "norm": m.norm, "dropout": m.dropout, "width": m.width, "groups": m.groups}
+
+
+@cli.command()
+@experiment_options
+@data_options
+@click.option("--save", type=click.Path(dir_okay=False), help="Write the trained model (checkpoint with its config) here.")
+@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+@click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@click.option("--no-track", is_flag=True, help="Do not log this run to MLflow.")
+@friendly_errors
+def train(experiment_file, norm, assignments, data_dir, download, save, device, threads, tracking_uri, no_track, **values):
+    """Train one model and report train/val/test accuracy, time and images/s."""
+    from .runner import run_training
+
+    exp = load_experiment(experiment_file, norm, assignments, **values)
+    run_training(
+        exp, data_dir=data_dir, download=download, save=save, device=device, threads=threads,
+        tracking_uri=None if no_track else (tracking_uri or ""), console=console,
+    )
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

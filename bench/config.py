@@ -1,0 +1,278 @@
+"""Experiment configuration: typed dataclasses loaded from TOML, overridable from the CLI.
+
+An experiment file (``experiments/<name>.toml``) has the sections ``[model]``, ``[train]``,
+``[budget]``, ``[tune]`` and ``[search.<hyperparameter>]``. Unknown keys and bad values are
+errors that name the key. Hyperparameters live in one flat namespace (every field of ``model``
+and ``train``), so ``--set lr=0.05`` or ``[search.dropout]`` need no section prefix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+NORMS = ("bn", "gn", "ln", "lnchw")
+STUDY_NORMS = ("bn", "gn", "ln")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+PRUNERS = ("median", "halving", "none")
+
+
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "seed_bn"
+    norm: str = "bn"
+    dropout: float = 0.05
+    width: float = 1.0  # multiplier on the preset's channel widths
+    groups: int = 4  # GroupNorm groups (norm = "gn")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1  # peak learning rate for onecycle
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    crop_padding: int = 4
+    flip: bool = True
+    cutout: int = 0  # side of the square cut out of each training image; 0 = off
+    val_size: int = 5000
+    train_subset: int = 0  # train on the first N images of the training split; 0 = all
+    seed: int = 0
+    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
+    channels_last: str = "auto"  # auto | on | off
+    eval_batch_size: int = 1000
+
+
+@dataclass
+class BudgetConfig:
+    max_params: int = 50_000
+
+
+@dataclass
+class TuneConfig:
+    trials: int = 20
+    epochs: int = 0  # epochs per trial; 0 = train.epochs
+    pruner: str = "median"
+    warmup_epochs: int = 1  # epochs a trial runs before it may be pruned
+    startup_trials: int = 5  # trials before the pruner and TPE take over
+
+
+@dataclass
+class Dimension:
+    """One search dimension: a numeric range (low/high, optional log/step) or a list of choices."""
+
+    name: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: list[Any] | None = None
+
+
+@dataclass
+class Experiment:
+    name: str = "experiment"
+    description: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    search: dict[str, Dimension] = field(default_factory=dict)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The flat namespace of model and train fields, as logged to MLflow."""
+        return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.train)}
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "budget": BudgetConfig, "tune": TuneConfig}
+CHOICES = {
+    "norm": NORMS,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "precision": PRECISIONS,
+    "channels_last": ("auto", "on", "off"),
+    "pruner": PRUNERS,
+}
+
+
+def _field_types(cls) -> dict[str, type]:
+    types = {"int": int, "float": float, "bool": bool, "str": str}
+    return {f.name: types[f.type] for f in fields(cls)}
+
+
+def coerce(key: str, value: Any, kind: type) -> Any:
+    """Convert a TOML or command-line value to the field's type, or raise naming the key."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip().lower()
+        if kind is bool:
+            if text in ("true", "1", "yes", "on"):
+                return True
+            if text in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        try:
+            value = float(text) if kind is float else int(float(text))
+        except ValueError:
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind is int and (isinstance(value, bool) or not float(value).is_integer()):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if kind is float and isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind in (int, float) and not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return kind(value)
+
+
+def _section(cls, key: str, table: dict) -> Any:
+    types = _field_types(cls)
+    obj = cls()
+    for name, value in table.items():
+        if name not in types:
+            raise ConfigError(f"unknown key '{key}.{name}' (known: {', '.join(types)})")
+        setattr(obj, name, coerce(f"{key}.{name}", value, types[name]))
+    return obj
+
+
+def hyperparameter_types() -> dict[str, type]:
+    return {**_field_types(ModelConfig), **_field_types(TrainConfig)}
+
+
+def _dimension(name: str, table: Any) -> Dimension:
+    key = f"search.{name}"
+    types = hyperparameter_types()
+    if name not in types:
+        raise ConfigError(f"unknown search dimension '{key}' (known: {', '.join(types)})")
+    if not isinstance(table, dict):
+        raise ConfigError(f"{key}: expected a table with low/high or choices")
+    allowed = {"low", "high", "log", "step", "choices"}
+    for extra in set(table) - allowed:
+        raise ConfigError(f"unknown key '{key}.{extra}' (known: {', '.join(sorted(allowed))})")
+    kind = types[name]
+    if "choices" in table:
+        choices = table["choices"]
+        if not isinstance(choices, list) or not choices:
+            raise ConfigError(f"{key}.choices: expected a non-empty list")
+        return Dimension(name, choices=[coerce(key, c, kind) for c in choices])
+    if kind not in (int, float):
+        raise ConfigError(f"{key}: '{name}' is not numeric; give choices = [...]")
+    if "low" not in table or "high" not in table:
+        raise ConfigError(f"{key}: needs both low and high (or choices)")
+    low, high = coerce(f"{key}.low", table["low"], kind), coerce(f"{key}.high", table["high"], kind)
+    if low > high:
+        raise ConfigError(f"{key}: low ({low}) is greater than high ({high})")
+    log = coerce(f"{key}.log", table.get("log", False), bool)
+    if log and low <= 0:
+        raise ConfigError(f"{key}: a log scale needs low > 0, got {low}")
+    step = table.get("step")
+    return Dimension(name, low, high, log, None if step is None else coerce(f"{key}.step", step, kind))
+
+
+def from_dict(data: dict, name: str = "experiment") -> Experiment:
+    exp = Experiment(name=str(data.get("name", name)), description=str(data.get("description", "")))
+    for key, table in data.items():
+        if key in ("name", "description"):
+            continue
+        if key == "search":
+            exp.search = {n: _dimension(n, t) for n, t in table.items()}
+        elif key in SECTIONS:
+            if not isinstance(table, dict):
+                raise ConfigError(f"[{key}] must be a table")
+            setattr(exp, key, _section(SECTIONS[key], key, table))
+        else:
+            raise ConfigError(f"unknown section '{key}' (known: name, description, {', '.join(SECTIONS)}, search)")
+    validate(exp)
+    return exp
+
+
+def load(path: str | Path) -> Experiment:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} not found; pass --experiment with an existing .toml")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: not valid TOML ({err})") from None
+    return from_dict(data, name=path.stem)
+
+
+def override(exp: Experiment, **values: Any) -> Experiment:
+    """Set hyperparameters by flat name (``lr=0.05``); ``None`` values are ignored."""
+    types = hyperparameter_types()
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in types:
+            raise ConfigError(f"unknown hyperparameter '{name}' (known: {', '.join(types)})")
+        section = exp.model if hasattr(exp.model, name) else exp.train
+        setattr(section, name, coerce(name, value, types[name]))
+    validate(exp)
+    return exp
+
+
+def parse_assignments(items: tuple[str, ...] | list[str]) -> dict[str, str]:
+    """``["lr=0.1", "cutout=8"]`` -> ``{"lr": "0.1", "cutout": "8"}``."""
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"--set {item!r}: expected NAME=VALUE, e.g. --set weight_decay=1e-4")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def validate(exp: Experiment) -> None:
+    """Value checks that types alone cannot express."""
+    m, t = exp.model, exp.train
+    for section in (m, t, exp.tune):
+        for name, allowed in CHOICES.items():
+            if hasattr(section, name) and getattr(section, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(section, name)!r} is not one of {', '.join(allowed)}")
+    checks = [
+        ("dropout", 0.0 <= m.dropout < 1.0, "must be in [0, 1)"),
+        ("width", m.width > 0, "must be > 0"),
+        ("groups", m.groups >= 1, "must be >= 1"),
+        ("epochs", t.epochs >= 1, "must be >= 1"),
+        ("batch_size", t.batch_size >= 1, "must be >= 1"),
+        ("lr", t.lr > 0, "must be > 0"),
+        ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("momentum", 0 <= t.momentum < 1, "must be in [0, 1)"),
+        ("label_smoothing", 0 <= t.label_smoothing < 1, "must be in [0, 1)"),
+        ("crop_padding", t.crop_padding >= 0, "must be >= 0"),
+        ("cutout", 0 <= t.cutout <= 32, "must be in [0, 32]"),
+        ("val_size", 0 <= t.val_size < 50_000, "must be in [0, 50000)"),
+        ("train_subset", t.train_subset >= 0, "must be >= 0"),
+        ("eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
+        ("max_params", exp.budget.max_params >= 1, "must be >= 1"),
+        ("trials", exp.tune.trials >= 1, "must be >= 1"),
+        ("tune.epochs", exp.tune.epochs >= 0, "must be >= 0"),
+    ]
+    for key, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{key} {rule}")
+
+
+def find_experiment(name: str, search_dirs: list[Path] | None = None) -> Path:
+    """``experiments/<name>.toml`` in the working directory, else beside the installed package."""
+    dirs = search_dirs or [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments"]
+    for d in dirs:
+        if (d / f"{name}.toml").is_file():
+            return d / f"{name}.toml"
+    raise ConfigError(f"no experiment file {name}.toml in {', '.join(map(str, dirs))}; pass --experiment FILE")

@@ -1,0 +1,157 @@
+"""One training run end to end: data, budget-checked model, ``fit`` with a progress bar, MLflow record.
+
+Used by ``bench train`` directly and by tuning and confirmation for each of their runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import tracking
+from .config import Experiment
+from .data import CIFAR10, load_cifar10
+from .models import build_checked, count_params
+from .train import Result, Runtime, default_device, fit, resolve_runtime, setup_threads
+
+
+def load_data(exp: Experiment, data_dir: str | None = None, download: bool = False) -> CIFAR10:
+    # The split seed is fixed (not the training seed) so every run validates on the same images.
+    return load_cifar10(data_dir, val_size=exp.train.val_size, seed=0, download=download)
+
+
+def build_model(exp: Experiment) -> torch.nn.Module:
+    torch.manual_seed(exp.train.seed)
+    return build_checked(exp.budget.max_params, **dataclasses.asdict(exp.model))
+
+
+@contextlib.contextmanager
+def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = ""):
+    """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks."""
+    if console is None:
+        yield None, lambda epoch, record: None
+        return
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
+    with Progress(*columns, console=console, transient=True) as progress:
+        state = {"task": progress.add_task(f"{label}epoch 1/{epochs}", total=images_per_epoch, stats="")}
+
+        def on_step(seen: int, loss: float, acc: float) -> None:
+            progress.update(state["task"], completed=seen, stats=f"loss {loss:.3f} acc {acc:.3f}")
+
+        def on_epoch(epoch: int, record: dict[str, float]) -> None:
+            console.print(
+                f"{label}epoch {epoch:>3}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.4f}"
+                f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}  lr {record['lr']:.4f}"
+                f"  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
+            )
+            progress.reset(state["task"], description=f"{label}epoch {epoch + 1}/{epochs}", stats="")
+
+        yield on_step, on_epoch
+
+
+def train_tracked(
+    exp: Experiment,
+    data: CIFAR10,
+    rt: Runtime,
+    on_epoch: Callable[[int, dict[str, float]], Any] | None = None,
+    console: Console | None = None,
+    label: str = "",
+    track: bool = True,
+    registered_name: str | None = None,
+) -> tuple[torch.nn.Module, Result]:
+    """Train ``exp`` inside the active MLflow run (if ``track``), logging params, per-epoch metrics,
+    the final test metrics and the model. ``on_epoch`` runs after each epoch's metrics are logged."""
+    model = build_model(exp)
+    n_params = count_params(model)
+    if track:
+        tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params})
+        tracking.log_dataset(data)
+        tracking.log_metrics({"n_params": n_params})
+        import mlflow
+
+        mlflow.set_tags({tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
+
+    def after_epoch(epoch: int, record: dict[str, float]) -> None:
+        if track:
+            tracking.log_epoch(epoch, record)
+        show_epoch(epoch, record)
+        if on_epoch:
+            on_epoch(epoch, record)
+
+    images = min(len(data.train), exp.train.train_subset or len(data.train))
+    with epoch_progress(console, exp.train.epochs, images, label) as (on_step, show_epoch):
+        result = fit(model, data, exp.train, rt, on_epoch=after_epoch, on_step=on_step)
+    if track:
+        tracking.log_metrics({
+            "test_loss": result.test_loss, "test_acc": result.test_acc, "best_val_acc": result.best_val_acc,
+            "final_val_acc": result.history[-1]["val_acc"], "total_seconds": result.seconds,
+            "mean_epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / len(result.history),
+        })
+        tracking.log_model(model, registered_name)
+    return model, result
+
+
+def save_checkpoint(model: torch.nn.Module, exp: Experiment, path: str | Path) -> None:
+    """State dict plus the experiment that built it: ``load_checkpoint`` rebuilds the model."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "model": dataclasses.asdict(exp.model)}, path)
+
+
+def load_checkpoint(path: str | Path) -> torch.nn.Module:
+    from .models import create_model
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    model = create_model(**ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval()
+
+
+def result_table(exp: Experiment, result: Result, n_params: int) -> Table:
+    last = result.history[-1]
+    table = Table(title=f"{exp.name}: {exp.model.preset} norm={exp.model.norm}, {n_params:,} params, {exp.train.epochs} epochs")
+    for col in ("train acc", "val acc", "test acc", "wall time", "train img/s"):
+        table.add_column(col, justify="right")
+    mean_speed = sum(r["images_per_s"] for r in result.history) / len(result.history)
+    table.add_row(
+        f"{last['train_acc']:.2%}", f"{last['val_acc']:.2%}", f"{result.test_acc:.2%}",
+        f"{result.seconds / 60:.1f} min", f"{mean_speed:,.0f}",
+    )
+    return table
+
+
+def run_training(
+    exp: Experiment,
+    data_dir: str | None = None,
+    download: bool = False,
+    save: str | None = None,
+    device: str | None = None,
+    threads: int | None = None,
+    tracking_uri: str | None = "",
+    console: Console | None = None,
+) -> Result:
+    """``bench train``: one run, logged to MLflow unless ``tracking_uri`` is None."""
+    console = console or Console()
+    setup_threads(threads)
+    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(device) if device else default_device())
+    build_model(exp)  # budget check before loading data
+    track = tracking_uri is not None
+    uri = tracking.setup(tracking_uri or None) if track else None
+    data = load_data(exp, data_dir, download)
+    console.print(f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test); {rt.describe()}")
+    with tracking.run("train", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", "train") if track else contextlib.nullcontext() as active:
+        model, result = train_tracked(exp, data, rt, console=console, track=track)
+    console.print(result_table(exp, result, count_params(model)))
+    if track:
+        console.print(f"MLflow run {active.info.run_id} in experiment 'train' at {tracking.mask_url(uri)}")
+    if save:
+        save_checkpoint(model, exp, save)
+        console.print(f"saved model to {save}")
+    return result

@@ -1,0 +1,214 @@
+"""Everything MLflow: tracking URI, experiments, parent and nested runs, metrics, models, registry.
+
+Runs use MLflow's fluent API, so a study shows in the UI as a tree: one parent run per
+``bench tune`` invocation and one nested run per trial.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+import torch
+
+from .errors import BudgetError, TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
+MLRUNS = Path("mlruns")
+
+# Run tags this package writes, so readers (report, tune resume) use the same names.
+TAG_KIND = "bench.kind"  # train | study | trial | confirm | batch_size | report
+TAG_NORM = "bench.norm"
+TAG_STUDY = "bench.study"
+TAG_STATE = "bench.state"  # COMPLETE | PRUNED | FAIL | REJECTED | INTERRUPTED
+TAG_TRIAL = "optuna.trial_number"
+TAG_ERROR = "bench.error"
+
+
+def mask_url(url: str) -> str:
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``; anything without a password unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def resolve_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _quiet() -> None:
+    for name in ("mlflow", "alembic", "urllib3", "git"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="mlflow")
+    warnings.filterwarnings("ignore", message=".*pydantic.*")
+    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def setup(uri: str | None = None) -> str:
+    """Point MLflow at ``uri`` (default: SQLite under ./mlruns); check the store answers."""
+    import mlflow
+
+    _quiet()
+    uri = resolve_uri(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.search_experiments(max_results=1)
+    except Exception as err:  # the store's own exception types vary by backend
+        raise TrackingError(f"MLflow tracking store {mask_url(uri)} is unreachable ({type(err).__name__}); start it or pass --tracking-uri") from None
+    return uri
+
+
+def artifact_location(uri: str, name: str) -> str | None:
+    """For a local SQLite store, keep artifacts beside it under mlruns/artifacts/<experiment>."""
+    if not uri.startswith("sqlite:///"):
+        return None  # a tracking server decides its own artifact root
+    root = Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / re.sub(r"[^\w.-]", "_", name)
+    return root.resolve().as_uri()
+
+
+def experiment_id(name: str) -> str:
+    """The MLflow experiment called ``name``, created if needed."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name))
+    except Exception:  # created meanwhile by another worker
+        exp = mlflow.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+@contextlib.contextmanager
+def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None = None, nested: bool = False,
+        run_id: str | None = None) -> Iterator[Any]:
+    """An MLflow run as a context; its end status follows the outcome.
+
+    FINISHED on success or pruning (the trial's state is in the ``bench.state`` tag), FAILED on an
+    error (text in ``bench.error``), KILLED on Ctrl-C. Nothing is left RUNNING.
+    """
+    import mlflow
+
+    all_tags = {TAG_KIND: kind, **(tags or {})}
+    active = mlflow.start_run(
+        run_id=run_id, experiment_id=None if run_id else experiment_id(experiment), run_name=None if run_id else run_name,
+        nested=nested, tags=all_tags if not run_id else None,
+    )
+    try:
+        yield active
+    except KeyboardInterrupt:
+        mlflow.set_tag(TAG_STATE, "INTERRUPTED")
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException as err:
+        state = _state_of(err)
+        mlflow.set_tag(TAG_STATE, state)
+        if state == "FAIL":
+            mlflow.set_tag(TAG_ERROR, f"{type(err).__name__}: {err}"[:5000])
+        mlflow.end_run("FINISHED" if state in ("PRUNED", "REJECTED") else "FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+
+
+def _state_of(err: BaseException) -> str:
+    import optuna
+
+    if isinstance(err, optuna.TrialPruned):
+        return "PRUNED"
+    if isinstance(err, BudgetError):
+        return "REJECTED"
+    return "FAIL"
+
+
+def log_params(params: dict[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params({k: v for k, v in params.items()})
+
+
+def log_dataset(data) -> None:
+    """Record CIFAR-10 as an MLflow dataset input (name, source folder, content digest)."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    folder = data.source.split(":", 1)[1]
+    dataset = MetaDataset(resolve_dataset_source(folder), name="cifar10", digest=data.digest)
+    mlflow.log_input(dataset, context="training")
+    mlflow.set_tags({"bench.data_digest": data.digest, "bench.data_source": data.source})
+
+
+def log_epoch(epoch: int, record: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in record.items() if np.isfinite(v)}, step=epoch)
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+
+
+def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str:
+    """Log ``model`` (fp32, CPU, eval mode) with signature and input example; returns its model URI."""
+    import mlflow
+    import mlflow.pytorch
+    from mlflow.models import infer_signature
+
+    import bench
+
+    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    with torch.inference_mode():
+        output = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example, output),
+        input_example=example,
+        code_paths=[str(Path(bench.__file__).parent)],
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        registered_model_name=registered_name,
+    )
+    mlflow.set_tag("bench.model_uri", info.model_uri)
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, tags: dict[str, Any] | None = None) -> str:
+    """Register ``model_uri`` as a new version of registered model ``name``; returns the version."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=tags)
+    return version.version
+
+
+def load_model(model_uri: str) -> torch.nn.Module:
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def log_figure_html(html: str, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_text(html, artifact_file)

@@ -1,0 +1,213 @@
+"""Plain training and evaluation loops. Knows neither Optuna nor MLflow: they hook in via ``on_epoch``."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import CIFAR10, Split, eval_batches, train_batches
+
+from .errors import DivergedError
+
+# Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
+# seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW.
+CHANNELS_LAST_BY_NORM = {"bn": True, "gn": False, "ln": True, "lnchw": False}
+
+
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors run: resolved once from the config and the machine."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    memory_format: torch.memory_format
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def describe(self) -> str:
+        fmt = "channels_last" if self.memory_format == torch.channels_last else "nchw"
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')} {fmt} threads={torch.get_num_threads()}"
+
+
+@dataclass
+class Result:
+    history: list[dict[str, float]] = field(default_factory=list)
+    test_loss: float = math.nan
+    test_acc: float = math.nan
+    seconds: float = 0.0
+
+    @property
+    def best_val_acc(self) -> float:
+        return max((r["val_acc"] for r in self.history), default=math.nan)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_threads(threads: int | None = None) -> int:
+    """Use the cores this process may run on (cgroup/affinity aware), unless told otherwise."""
+    if threads is None:
+        threads = int(os.environ.get("BENCH_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_runtime(cfg: TrainConfig, norm: str, device: torch.device | None = None) -> Runtime:
+    device = device or default_device()
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device)):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    channels_last = {"on": True, "off": False}.get(cfg.channels_last, CHANNELS_LAST_BY_NORM.get(norm, False))
+    return Runtime(device, dtype, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on norm parameters (1-D tensors), as is usual for small CNNs."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    split: Split,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    cfg: TrainConfig,
+    rt: Runtime,
+    generator: torch.Generator,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> tuple[float, float]:
+    """One pass over ``split``; returns (mean loss, accuracy). Raises DivergedError on NaN/inf loss."""
+    model.train()
+    total_loss = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    seen = 0
+    batches = train_batches(
+        split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout,
+        memory_format=rt.memory_format,
+    )
+    for step, (x, y) in enumerate(batches, 1):
+        with rt.autocast:
+            logits = model(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+        if step % 20 == 0:
+            _check_finite(total_loss, step, optimizer)
+            if on_step:
+                on_step(seen, total_loss.item() / seen, correct.item() / seen)
+    _check_finite(total_loss, step, optimizer)
+    return total_loss.item() / seen, correct.item() / seen
+
+
+def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> None:
+    if not torch.isfinite(total_loss):
+        lr = optimizer.param_groups[0]["lr"]
+        raise DivergedError(f"training loss became {total_loss.item()} by step {step} (lr {lr:.4g}); lower the learning rate")
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (float32, on CPU) for every image of ``split``."""
+    model.eval()
+    out = []
+    for x, _ in eval_batches(split, batch_size, rt.device, memory_format=rt.memory_format):
+        with rt.autocast:
+            out.append(model(x).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, 10)
+
+
+def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) on ``split``."""
+    if len(split) == 0:
+        return math.nan, math.nan
+    logits = predict(model, split, rt, batch_size)
+    loss = F.cross_entropy(logits, split.labels).item()
+    acc = (logits.argmax(1) == split.labels).float().mean().item()
+    return loss, acc
+
+
+EpochCallback = Callable[[int, dict[str, float]], Any]
+
+
+def fit(
+    model: nn.Module,
+    data: CIFAR10,
+    cfg: TrainConfig,
+    rt: Runtime | None = None,
+    on_epoch: EpochCallback | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> Result:
+    """Train ``model`` for ``cfg.epochs``, evaluating on the validation split each epoch and on the
+    test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning)."""
+    rt = rt or resolve_runtime(cfg, norm="bn")
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    train_split = data.train.take(cfg.train_subset) if cfg.train_subset else data.train
+    model.to(rt.device, memory_format=rt.memory_format)
+    optimizer = create_optimizer(model, cfg)
+    steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
+    scheduler = create_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    result = Result()
+    start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        lr = optimizer.param_groups[0]["lr"]
+        t0 = time.perf_counter()
+        train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step)
+        seconds = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        val_loss, val_acc = evaluate(model, data.val, rt, cfg.eval_batch_size)
+        record = {
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": lr,
+            "epoch_seconds": seconds,
+            "images_per_s": len(train_split) / seconds,
+            "eval_seconds": time.perf_counter() - t1,
+        }
+        result.history.append(record)
+        if on_epoch:
+            on_epoch(epoch, record)
+    result.test_loss, result.test_acc = evaluate(model, data.test, rt, cfg.eval_batch_size)
+    result.seconds = time.perf_counter() - start
+    return result
