@@ -20,7 +20,7 @@ def experiment_options(f):
     """Options shared by every command that builds a model or trains: experiment file and overrides."""
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
-        click.option("--norm", type=click.Choice(config_mod.NORMS), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
+        click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
         click.option("--preset", help="Model preset: seed_bn, seed_gn."),
         click.option("--width", type=float, help="Width multiplier on the preset's channels."),
         click.option("--groups", type=int, help="GroupNorm groups."),
@@ -109,6 +109,53 @@ def train(experiment_file, norm, assignments, data_dir, download, save, device, 
         exp, data_dir=data_dir, download=download, save=save, device=device, threads=threads,
         tracking_uri=None if no_track else (tracking_uri or ""), console=console,
     )
+
+
+@cli.command()
+@experiment_options
+@data_options
+@click.option("--trials", type=int, help="Trials in the study in total (re-running resumes up to this); default from the experiment.")
+@click.option("--more", is_flag=True, help="Run --trials more trials instead of topping the study up to --trials.")
+@click.option("--study", help="Optuna study and MLflow experiment name (default: the experiment's name).")
+@click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
+@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--pruner", type=click.Choice(config_mod.PRUNERS), help="Pruner (default from the experiment).")
+@click.option("--tune-epochs", "tune_epochs", type=int, help="Epochs per trial (default: [tune] epochs).")
+@click.option("--device", help="cpu, cuda, ... (default: cuda when available).")
+@click.option("--threads", type=int)
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@friendly_errors
+def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, timeout, pruner,
+         tune_epochs, device, threads, tracking_uri, epochs, seed, **values):
+    """Optuna study over the experiment's search space; every trial a nested MLflow run.
+
+    --norm all runs one study per norm (bn, gn, ln) in turn. --epochs sets epochs per trial.
+    """
+    from .tune import TuneOptions, run_study
+
+    norms = config_mod.STUDY_NORMS if norm == "all" else (norm,)
+    for one in norms:
+        exp = load_experiment(experiment_file, one, assignments, **values)
+        opts = TuneOptions(trials=trials, more=more, epochs=tune_epochs or epochs, study=study if len(norms) == 1 else None,
+                           storage=storage, timeout=timeout, seed=seed or 0, pruner=pruner, tracking_uri=tracking_uri,
+                           data_dir=data_dir, download=download, threads=threads, device=device)
+        try:
+            run_study(exp, opts, console)
+        except KeyboardInterrupt:
+            console.print("interrupted: finished trials are kept; run the same command again to resume")
+            sys.exit(130)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--tracking-uri", help="Backend store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@friendly_errors
+def ui(host, port, tracking_uri):
+    """Serve the MLflow UI on the project's store."""
+    from .tracking import serve_ui
+
+    serve_ui(host, port, tracking_uri, echo=console.print)
 
 
 def main():

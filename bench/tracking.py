@@ -49,7 +49,7 @@ def resolve_uri(uri: str | None = None) -> str:
 
 
 def _quiet() -> None:
-    for name in ("mlflow", "alembic", "urllib3", "git"):
+    for name in ("mlflow", "alembic", "urllib3", "git", "torch._export"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", message=".*pydantic.*")
@@ -189,6 +189,7 @@ def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str
         code_paths=[str(Path(bench.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
         registered_model_name=registered_name,
+        serialization_format="pickle",  # a plain nn.Module; torch.export would fix the batch size to 1
     )
     mlflow.set_tag("bench.model_uri", info.model_uri)
     return info.model_uri
@@ -212,3 +213,21 @@ def log_figure_html(html: str, artifact_file: str) -> None:
     import mlflow
 
     mlflow.log_text(html, artifact_file)
+
+
+def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:
+    """Run ``mlflow server`` on the project's store until interrupted."""
+    import subprocess
+    import sys
+
+    uri = resolve_uri(uri)
+    if uri.startswith("http"):
+        raise TrackingError(f"{mask_url(uri)} is already a tracking server; open it in a browser")
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    if uri.startswith("sqlite:///"):
+        cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()]
+    echo(f"MLflow UI for {mask_url(uri)} at http://{host}:{port}  (Ctrl-C to stop)")
+    try:
+        subprocess.run(cmd, check=False)
+    except KeyboardInterrupt:
+        pass
