@@ -195,6 +195,23 @@ def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str
     return info.model_uri
 
 
+def log_predictions(predicted: torch.Tensor, test, n_examples: int = 10) -> None:
+    """Test-set predictions as ``predictions/test.npz``: predicted and true labels for every image,
+    plus the first ``n_examples`` misclassified images, so reports need nothing but MLflow."""
+    import tempfile
+
+    import mlflow
+
+    predicted = predicted.numpy().astype(np.int8)
+    labels = test.labels.numpy().astype(np.int8)
+    wrong = np.flatnonzero(predicted != labels)[:n_examples]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "test.npz"
+        np.savez_compressed(path, predicted=predicted, labels=labels, wrong_index=wrong,
+                            wrong_images=test.images[torch.from_numpy(wrong)].numpy())
+        mlflow.log_artifact(str(path), "predictions")
+
+
 def register(model_uri: str, name: str, tags: dict[str, Any] | None = None) -> str:
     """Register ``model_uri`` as a new version of registered model ``name``; returns the version."""
     import mlflow
