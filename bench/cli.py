@@ -102,7 +102,7 @@ def model_kwargs(exp: config_mod.Experiment) -> dict:
 @friendly_errors
 def train(experiment_file, norm, assignments, data_dir, download, save, device, threads, tracking_uri, no_track, **values):
     """Train one model and report train/val/test accuracy, time and images/s."""
-    from .runner import run_training
+    from .run import run_training
 
     exp = load_experiment(experiment_file, norm, assignments, **values)
     run_training(
@@ -156,6 +156,97 @@ def ui(host, port, tracking_uri):
     from .tracking import serve_ui
 
     serve_ui(host, port, tracking_uri, echo=console.print)
+
+
+@cli.command()
+@click.option("--norm", type=click.Choice(config_mod.NORMS), default="bn", show_default=True)
+@click.option("--preset", help="Model preset (default: seed_gn for lnchw, else seed_bn).")
+@click.option("--steps", type=int, default=50, show_default=True, help="Training steps per repeat and contender.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats; the median is reported.")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")
+@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers of the seed-style baseline.")
+@click.option("--eval-images", type=int, default=10_000, show_default=True, help="Test images per evaluation pass.")
+@click.option("--ablate", is_flag=True, help="Also measure each optimisation alone against the seed's fp32 eager step.")
+@click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch.")
+@click.option("--profile", is_flag=True, help="Also list the ops the bench training step spends its time in.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure to this JSON file.")
+@data_options
+@friendly_errors
+def speed(data_dir, download, json_path, knobs, **options):
+    """Training and evaluation images/s of the harness against the seed notebooks' pipeline, interleaved."""
+    from .data import load_cifar10
+    from .speed import SpeedOptions, render, run_speed, write_json
+
+    ablate = options.pop("ablate") or bool(knobs)
+    opts = SpeedOptions(**options, knobs=tuple(knobs), ablate=ablate)
+    data = load_cifar10(data_dir, download=download)
+    with console.status("measuring") as status:
+        report = run_speed(opts, data, progress=lambda message: status.update(f"measuring: {message}"))
+    render(report, console)
+    if json_path:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}")
+
+
+@cli.command()
+@click.option("--norm", required=True, type=click.Choice((*config_mod.NORMS, "all")), help="Norm whose study to confirm; all = every studied norm.")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="Re-train with seeds 0..N-1 (seeds already done are skipped).")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs per run (default: the experiment file's train.epochs).")
+@click.option("--study", help="Study / MLflow experiment name (default: the norm).")
+@click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Override a hyperparameter of the best trial, e.g. --set train_subset=500 for a smoke run.")
+@data_options
+@click.option("--device", help="cpu, cuda, ... (default: cuda when available).")
+@click.option("--threads", type=int)
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@friendly_errors
+def confirm(norm, seeds, epochs, study, assignments, data_dir, download, device, threads, tracking_uri):
+    """Re-train a study's best trial with several seeds, each an MLflow run under the study's parent run."""
+    from .confirm import ConfirmOptions, run_confirm
+
+    opts = ConfirmOptions(seeds=seeds, epochs=epochs, study=study, overrides=config_mod.parse_assignments(assignments),
+                          tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
+    try:
+        run_confirm(norm, opts, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished seeds are kept; run the same command again to resume")
+        sys.exit(130)
+
+
+@cli.command()
+@click.option("--norms", help="Comma-separated norms, NORM=STUDY for a non-default study name (default: every studied norm).")
+@click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: reports/<timestamp>).")
+@click.option("--batch-sizes", help="Also train each norm's best configuration at these batch sizes (e.g. 16,64,256; lr scaled linearly).")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs of the --batch-sizes runs (default: the experiment file's train.epochs).")
+@data_options
+@click.option("--device", help="cpu, cuda, ... (for --batch-sizes).")
+@click.option("--threads", type=int)
+@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@friendly_errors
+def report(norms, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
+    """Markdown + PNG report of the studies from MLflow, logged as a report run."""
+    from .confirm import ConfirmOptions
+    from .report import run_report
+
+    sizes = parse_batch_sizes(batch_sizes)
+    opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
+    try:
+        run_report(norms, out, sizes, opts, console)
+    except KeyboardInterrupt:
+        console.print("interrupted: finished batch-size runs are kept; run the same command again to resume")
+        sys.exit(130)
+
+
+def parse_batch_sizes(text: str | None) -> list[int]:
+    from .errors import ConfigError
+
+    try:
+        sizes = [int(part) for part in (text or "").split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"--batch-sizes {text!r}: expected comma-separated integers, e.g. 16,64,256") from None
+    if any(size < 1 for size in sizes):
+        raise ConfigError(f"--batch-sizes {text!r}: batch sizes must be >= 1")
+    return sizes
 
 
 def main():

@@ -217,7 +217,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
     study_name = opts.study or exp.name
     setup_threads(opts.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line below
     uri = tracking.setup(opts.tracking_uri)
     storage = open_storage(opts.storage)
     study = optuna.create_study(

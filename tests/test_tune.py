@@ -1,0 +1,152 @@
+"""bench tune: studies, nested MLflow runs, registry, resume, budget rejection, NaN and Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from bench import config, tracking
+from bench.tune import TuneOptions, open_storage, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 2000}
+
+
+def data_dir() -> str:
+    for candidate in (os.environ.get("BENCH_DATA_DIR"), "/work/shared/data/cifar10", REPO.parent / "shared/data/cifar10"):
+        if candidate and (Path(candidate) / "data_batch_1.bin").exists():
+            return str(candidate)
+    if os.environ.get("BENCH_REQUIRE_DATA") == "1":
+        pytest.fail("real CIFAR-10 not found; set BENCH_DATA_DIR")
+    pytest.skip("real CIFAR-10 not found; set BENCH_DATA_DIR")
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """Fresh MLflow and Optuna state in a temporary working directory."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)  # mlflow keeps the last URI process-wide; earlier tests set theirs
+    torch.set_num_threads(1)
+    return tmp_path
+
+
+def tiny_experiment(norm: str = "bn", **overrides) -> config.Experiment:
+    exp = config.load(REPO / "experiments" / f"{norm}.toml")
+    return config.override(exp, **{**TINY, **overrides})
+
+
+def runs_of(study: str) -> list:
+    return mlflow.search_runs(experiment_names=[study], output_format="list")
+
+
+def load_study(name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(None))
+
+
+def test_study_makes_parent_and_nested_runs_with_epochs_and_models(store):
+    exp = tiny_experiment()
+    run_study(exp, TuneOptions(trials=3, epochs=2, data_dir=data_dir(), threads=1))
+
+    runs = runs_of("bn")
+    parents = [r for r in runs if r.data.tags[tracking.TAG_KIND] == "study"]
+    trials = [r for r in runs if r.data.tags[tracking.TAG_KIND] == "trial"]
+    assert len(parents) == 1 and len(trials) == 3
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in trials)
+    client = mlflow.MlflowClient()
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        state = run.data.tags[tracking.TAG_STATE]
+        history = client.get_metric_history(run.info.run_id, "val_acc")
+        assert [m.step for m in history] == ([1, 2] if state == "COMPLETE" else [1])
+        assert {"lr", "train_loss", "images_per_s"} <= set(run.data.metrics)
+        assert run.data.params["norm"] == "bn" and "lr" in run.data.params
+        assert run.inputs.dataset_inputs[0].dataset.name == "cifar10"
+    complete = [r for r in trials if r.data.tags[tracking.TAG_STATE] == "COMPLETE"]
+    model = mlflow.pytorch.load_model(complete[0].data.tags["bench.model_uri"])
+    assert model(torch.zeros(4, 3, 32, 32)).shape == (4, 10)
+    assert parents[0].data.metrics["best_val_acc"] == max(r.data.metrics["best_val_acc"] for r in complete)
+
+    registered = mlflow.pytorch.load_model("models:/cifar10-bn/latest").eval()
+    with torch.inference_mode():
+        assert registered(torch.randn(2, 3, 32, 32)).argmax(1).shape == (2,)
+
+
+def test_rerun_resumes_to_the_total(store):
+    exp = tiny_experiment(epochs=1)
+    opts = TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1)
+    run_study(exp, opts)
+    run_study(exp, opts)  # already at the total: nothing runs
+    assert len(load_study("bn").trials) == 2
+    run_study(exp, TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
+    study = load_study("bn")
+    assert len(study.trials) == 3 and [t.number for t in study.trials] == [0, 1, 2]
+    assert len([r for r in runs_of("bn") if r.data.tags[tracking.TAG_KIND] == "trial"]) == 3
+
+
+def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
+    exp = tiny_experiment()
+    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("an over-budget trial must not train")
+
+    monkeypatch.setattr("bench.tune.train_tracked", no_training)
+    study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+    for trial in study.trials:
+        assert trial.user_attrs["rejected"] and trial.user_attrs["n_params"] > 50_000
+        assert trial.system_attrs["constraints:params_over_budget"] > 0  # the sampler sees the constraint
+    for run in runs_of("bn"):
+        if run.data.tags[tracking.TAG_KIND] == "trial":
+            assert run.data.tags[tracking.TAG_STATE] == "REJECTED" and run.data.metrics["n_params"] > 50_000
+
+
+def test_nan_trial_fails_and_study_goes_on(store):
+    exp = tiny_experiment()
+    study = optuna.create_study(study_name="bn", storage=open_storage(None), direction="maximize")
+    study.enqueue_trial({"lr": 1e12, "dropout": 0.0, "weight_decay": 1e-4, "width": 1.0})  # diverges
+    study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL and "loss became" in study.trials[0].user_attrs["error"]
+    assert len(states) == 2 and states[1] != TrialState.FAIL
+    failed = [r for r in runs_of("bn") if r.data.tags.get(tracking.TAG_TRIAL) == "0"][0]
+    assert failed.info.status == "FAILED" and "DivergedError" in failed.data.tags[tracking.TAG_ERROR]
+
+
+def test_sigint_mid_trial_leaves_records_consistent_and_resumes(store):
+    cmd = [sys.executable, "-m", "bench.cli", "tune", "--norm", "bn", "--trials", "2", "--tune-epochs", "3",
+           "--threads", "1", "--data-dir", data_dir(), "-e", str(REPO / "experiments/bn.toml"),
+           "--set", "train_subset=3000", "--set", "val_size=200", "--pruner", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=store)
+    for line in proc.stdout:  # wait until the first trial has finished an epoch
+        if "epoch   1/3" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "resume" in out
+
+    study = load_study("bn")
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert study.trials[0].user_attrs["interrupted"]
+    runs = runs_of("bn")
+    assert {r.info.status for r in runs} == {"KILLED"}  # the trial and its parent; nothing left RUNNING
+
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=store, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    study = load_study("bn")
+    finished = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert len(finished) == 2
+    assert finished[0].user_attrs["retry_of"] == 0 and finished[0].params == study.trials[0].params
+    assert not [r for r in runs_of("bn") if r.info.status == "RUNNING"]
