@@ -13,7 +13,7 @@ from rich.console import Console
 from . import config as config_mod
 from .errors import BenchError
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 def experiment_options(f):
@@ -124,14 +124,19 @@ def train(experiment_file, norm, assignments, data_dir, download, save, device, 
 @click.option("--device", help="cpu, cuda, ... (default: cuda when available).")
 @click.option("--threads", type=int)
 @click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@click.option("--jobs", default="1", show_default=True, help="Local worker processes on the study (an integer, or auto).")
 @friendly_errors
 def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, timeout, pruner,
-         tune_epochs, device, threads, tracking_uri, epochs, seed, **values):
+         tune_epochs, device, threads, tracking_uri, jobs, epochs, seed, **values):
     """Optuna study over the experiment's search space; every trial a nested MLflow run.
 
     --norm all runs one study per norm (bn, gn, ln) in turn. --epochs sets epochs per trial.
     """
-    from .tune import TuneOptions, run_study
+    from .tune import JOBS_AUTO, TuneOptions, run_study, run_workers, worker_argv
+
+    if jobs != "auto" and not jobs.isdigit() or jobs == "0":
+        raise config_mod.ConfigError(f"--jobs {jobs!r}: expected a positive integer or auto")
+    n_jobs = JOBS_AUTO if jobs == "auto" else int(jobs)
 
     norms = config_mod.STUDY_NORMS if norm == "all" else (norm,)
     for one in norms:
@@ -140,7 +145,10 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
                            storage=storage, timeout=timeout, seed=seed or 0, pruner=pruner, tracking_uri=tracking_uri,
                            data_dir=data_dir, download=download, threads=threads, device=device)
         try:
-            run_study(exp, opts, console)
+            if n_jobs > 1:
+                run_workers(exp, opts, worker_argv(sys.argv[2:], one), n_jobs, console)
+            else:
+                run_study(exp, opts, console)
         except KeyboardInterrupt:
             console.print("interrupted: finished trials are kept; run the same command again to resume")
             sys.exit(130)
@@ -168,7 +176,7 @@ def ui(host, port, tracking_uri):
 @click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers of the seed-style baseline.")
 @click.option("--eval-images", type=int, default=10_000, show_default=True, help="Test images per evaluation pass.")
 @click.option("--ablate", is_flag=True, help="Also measure each optimisation alone against the seed's fp32 eager step.")
-@click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch.")
+@click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch256, eval_batch1000.")
 @click.option("--profile", is_flag=True, help="Also list the ops the bench training step spends its time in.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure to this JSON file.")
 @data_options

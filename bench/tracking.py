@@ -66,11 +66,29 @@ def setup(uri: str | None = None) -> str:
     if uri.startswith("sqlite:///"):
         Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
+    if uri.startswith(("http://", "https://")):
+        _probe_server(uri)
     try:
         mlflow.search_experiments(max_results=1)
     except Exception as err:  # the store's own exception types vary by backend
         raise TrackingError(f"MLflow tracking store {mask_url(uri)} is unreachable ({type(err).__name__}); start it or pass --tracking-uri") from None
     return uri
+
+
+def _probe_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds: MLflow's client retries an unreachable server for about four minutes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # the server answers (perhaps behind auth): MLflow's own check decides
+    except OSError as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingError(f"MLflow tracking server {mask_url(uri)} is unreachable ({reason}); start it or pass --tracking-uri") from None
+    except ValueError:
+        return  # a URL urllib cannot open (e.g. credentials in it): MLflow's own check decides
 
 
 def artifact_location(uri: str, name: str) -> str | None:
@@ -99,7 +117,7 @@ def experiment_id(name: str) -> str:
 
 @contextlib.contextmanager
 def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None = None, nested: bool = False,
-        run_id: str | None = None) -> Iterator[Any]:
+        run_id: str | None = None, parent_run_id: str | None = None) -> Iterator[Any]:
     """An MLflow run as a context; its end status follows the outcome.
 
     FINISHED on success or pruning (the trial's state is in the ``bench.state`` tag), FAILED on an
@@ -110,7 +128,7 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
     all_tags = {TAG_KIND: kind, **(tags or {})}
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id(experiment), run_name=None if run_id else run_name,
-        nested=nested, tags=all_tags if not run_id else None,
+        nested=nested, tags=all_tags if not run_id else None, parent_run_id=parent_run_id,
     )
     try:
         yield active
@@ -127,6 +145,58 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+# ---------------------------------------------------------------- parent runs shared by workers
+
+
+def open_parent(experiment: str, study: str, run_name: str, tags: dict[str, Any]) -> tuple[str, bool]:
+    """The study's RUNNING parent run if a worker already opened one, else a new one.
+
+    Returns (run_id, joined). Workers on other machines find the parent by its tags.
+    """
+    import mlflow
+
+    exp_id = experiment_id(experiment)
+    client = mlflow.MlflowClient()
+    running = client.search_runs(
+        [exp_id], f"tags.`{TAG_KIND}` = 'study' AND tags.`{TAG_STUDY}` = '{study}' AND attributes.status = 'RUNNING'",
+        max_results=1, order_by=["attributes.start_time DESC"],
+    )
+    if running:
+        return running[0].info.run_id, True
+    created = client.create_run(exp_id, run_name=run_name, tags={TAG_KIND: "study", TAG_STUDY: study, **tags})
+    return created.info.run_id, False
+
+
+def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if error:
+        client.set_tag(run_id, TAG_STATE, "FAIL")
+        client.set_tag(run_id, TAG_ERROR, error[:5000])
+    client.set_terminated(run_id, status)
+
+
+def log_to_run(run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
+               tags: dict[str, Any] | None = None, texts: dict[str, str] | None = None) -> None:
+    """Log to a run that is not the active one (a parent shared by several workers)."""
+    import time
+
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, 0) for k, v in (metrics or {}).items() if v is not None and np.isfinite(v)],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+    )
+    for artifact_file, text in (texts or {}).items():
+        client.log_text(run_id, text, artifact_file)
 
 
 def _state_of(err: BaseException) -> str:
@@ -226,10 +296,6 @@ def load_model(model_uri: str) -> torch.nn.Module:
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
 
 
-def log_figure_html(html: str, artifact_file: str) -> None:
-    import mlflow
-
-    mlflow.log_text(html, artifact_file)
 
 
 def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:

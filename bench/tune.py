@@ -11,6 +11,9 @@ import copy
 import math
 import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,15 +23,18 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
+import torch
 
 from . import tracking
 from .config import Experiment, override
-from .errors import BudgetError, ConfigError, DivergedError, TrackingError
+from .errors import BenchError, ConfigError, DivergedError, TrackingError
 from .models import count_params_fast
 from .run import load_data, train_tracked
 from .train import default_device, resolve_runtime, setup_threads
 
 DEFAULT_STORAGE_FILE = Path("mlruns") / "optuna.journal"
+HEARTBEAT_SECONDS = int(os.environ.get("BENCH_HEARTBEAT_SECONDS", 20))
+JOBS_AUTO = 1  # measured on 2 cores: see README "Parallel studies"
 
 
 @dataclass
@@ -61,8 +67,8 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
             return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180,
-                                          failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=2))
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
+                                          failed_trial_callback=on_stale_trial)
     except Exception as err:
         raise TrackingError(f"Optuna storage {tracking.mask_url(str(url))} cannot be opened ({type(err).__name__}); check the URL or start the database") from None
 
@@ -94,10 +100,11 @@ def suggest(trial: optuna.Trial, exp: Experiment) -> Experiment:
 
 
 def finished(trial: FrozenTrial) -> bool:
-    """Counts toward the study's total: everything but running or interrupted trials."""
+    """Counts toward the study's total: complete (incl. rejected), pruned and diverged trials; not
+    running ones, nor those interrupted or killed (they are re-queued)."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get("interrupted", False)
+    return trial.state == TrialState.FAIL and "diverged" in trial.user_attrs
 
 
 def feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -110,7 +117,7 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and t.user_attrs.get("interrupted") and t.number not in retried:
+        if t.state == TrialState.FAIL and "diverged" not in t.user_attrs and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
             queued.append(t.number)
     return queued
@@ -120,21 +127,22 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
 
 
 class Objective:
-    def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int):
+    def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int, parent_id: str | None):
         self.exp, self.study_name, self.data, self.rt, self.console = exp, study_name, data, rt, console
-        self.epochs = epochs
+        self.epochs, self.parent_id = epochs, parent_id
 
     def __call__(self, trial: optuna.Trial) -> float:
         exp = suggest(trial, self.exp)
         exp.train.epochs = self.epochs
         n_params = count_params_fast(**vars(exp.model))
         trial.set_user_attr("n_params", n_params)
+        trial.set_user_attr("worker", worker_id())
         trial.set_constraint("params_over_budget", n_params - exp.budget.max_params)  # feasible when <= 0
         tags = {tracking.TAG_TRIAL: trial.number, tracking.TAG_STUDY: self.study_name, tracking.TAG_NORM: exp.model.norm}
         label = f"trial {trial.number:>3} "
         start = time.perf_counter()
         try:
-            with tracking.run(self.study_name, f"trial-{trial.number}", "trial", tags=tags, nested=True) as active:
+            with tracking.run(self.study_name, f"trial-{trial.number}", "trial", tags=tags, parent_run_id=self.parent_id) as active:
                 trial.set_user_attr("mlflow_run_id", active.info.run_id)
                 if n_params > exp.budget.max_params:
                     return self._reject(trial, exp, n_params)
@@ -147,7 +155,7 @@ class Objective:
             self._line(trial, n_params, "INTERRUPTED", start)
             raise
         except DivergedError as err:
-            trial.set_user_attr("error", str(err))
+            trial.set_user_attr("diverged", str(err))
             self._line(trial, n_params, f"FAIL ({err})", start)
             raise
         self._line(trial, n_params, "COMPLETE", start)
@@ -207,61 +215,204 @@ def _sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None) -> optuna.Study:
-    """Create or resume the study for ``exp`` and run it to its total number of trials."""
-    console = console or Console()
-    total = opts.trials or exp.tune.trials
-    epochs = opts.epochs or exp.tune.epochs or exp.train.epochs
-    pruner_name = opts.pruner or exp.tune.pruner
+def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
     if not exp.search:
         raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
-    study_name = opts.study or exp.name
-    setup_threads(opts.threads)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line below
-    uri = tracking.setup(opts.tracking_uri)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line instead
     storage = open_storage(opts.storage)
-    study = optuna.create_study(
-        storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
-        sampler=create_sampler(exp, opts.seed), pruner=create_pruner(pruner_name, exp),
-    )
-    study.set_user_attr("norm", exp.model.norm)
-    study.set_user_attr("experiment", exp.name)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=opts.study or exp.name, direction="maximize", load_if_exists=True,
+            sampler=create_sampler(exp, opts.seed), pruner=create_pruner(opts.pruner or exp.tune.pruner, exp),
+        )
+        study.set_user_attr("norm", exp.model.norm)
+        study.set_user_attr("experiment", exp.name)
+    except Exception as err:
+        raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
+    return study
+
+
+def storage_label(url: str | None) -> str:
+    return tracking.mask_url(str(url or DEFAULT_STORAGE_FILE))
+
+
+def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None) -> optuna.Study:
+    """Create or resume the study for ``exp`` and run it up to its total number of trials.
+
+    Several processes (or machines) may run this on one study and storage: they share the
+    study's total and its MLflow parent run.
+    """
+    console = console or Console()
+    total, epochs = opts.trials or exp.tune.trials, opts.epochs or exp.tune.epochs or exp.train.epochs
+    setup_threads(opts.threads)
+    uri = tracking.setup(opts.tracking_uri)
+    study = prepare_study(exp, opts)
+    recovered = fail_dead_local_trials(study)
     requeued = requeue_interrupted(study)
     done = sum(finished(t) for t in study.get_trials(deepcopy=False))
-    remaining = total if opts.more else total - done
-    target = done + remaining
+    target = done + total if opts.more else total
     console.print(
-        f"study '{study_name}' ({exp.model.norm}, {epochs} epochs/trial, pruner {pruner_name}) in "
-        f"{tracking.mask_url(str(opts.storage or DEFAULT_STORAGE_FILE))}: {done} finished, {max(remaining, 0)} to run"
+        f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, pruner {opts.pruner or exp.tune.pruner}) "
+        f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
+        + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
         + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "")
     )
-    if remaining <= 0:
+    if target - done <= 0:
         return study
     data = load_data(exp, opts.data_dir, opts.download)
-    rt = resolve_runtime(exp.train, exp.model.norm, default_device() if not opts.device else __import__("torch").device(opts.device))
-    objective = Objective(exp, study_name, data, rt, console, epochs)
-
-    def stop_at_target(study: optuna.Study, trial: FrozenTrial) -> None:
-        if sum(finished(t) for t in study.get_trials(deepcopy=False)) >= target:
-            study.stop()
-
+    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device())
+    parent_id, joined = os.environ.get("BENCH_PARENT_RUN_ID"), True
+    if not parent_id:
+        parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
+            tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
+            "bench.pruner": opts.pruner or exp.tune.pruner, "bench.epochs_per_trial": epochs,
+        })
+    if not joined:
+        tracking.log_to_run(parent_id, params={**{f"space.{k}": _describe(v) for k, v in exp.search.items()},
+                                               "trials_target": target, "seed": opts.seed})
+    objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id)
+    status = "FINISHED"
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     start = time.time()
     try:
-        with tracking.run(study_name, f"{study_name}-{time.strftime('%Y%m%d-%H%M%S')}", "study", tags={
-            tracking.TAG_STUDY: study_name, tracking.TAG_NORM: exp.model.norm, "bench.storage": tracking.mask_url(str(opts.storage or DEFAULT_STORAGE_FILE)),
-            "bench.pruner": pruner_name, "bench.epochs_per_trial": epochs,
-        }) as parent:
-            tracking.log_params({**{f"space.{k}": _describe(v) for k, v in exp.search.items()}, "trials_target": target, "seed": opts.seed})
-            try:
-                study.optimize(objective, n_trials=remaining, timeout=opts.timeout, catch=(DivergedError,), callbacks=[stop_at_target])
-            finally:
-                summarise_to_parent(study, time.time() - start)
+        study.optimize(objective, n_trials=target - done, timeout=opts.timeout, catch=(DivergedError,),
+                       callbacks=[StopAtTarget(target)])
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BenchError:
+        status = "FAILED"
+        raise
+    except Exception as err:  # storage or tracking server lost mid-study; finished trials are already stored
+        status = "FAILED"
+        raise TrackingError(f"lost the study's storage or tracking store ({type(err).__name__}: {tracking.mask_url(str(err))[:200]}); "
+                            "finished trials are kept, re-run the same command once it is back") from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if not os.environ.get("BENCH_PARENT_RUN_ID"):
+            finish_parent(study, parent_id, status, time.time() - start)
     console.print(best_table(study))
-    console.print(f"MLflow: experiment '{study_name}', parent run {parent.info.run_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
+    console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
     return study
+
+
+class StopAtTarget:
+    """Stop this worker once finished plus other workers' running trials reach the study's total."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        if sum(finished(t) for t in trials) + sum(t.state == TrialState.RUNNING for t in trials) >= self.target:
+            study.stop()
+
+
+def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float) -> None:
+    """Summarise the study on its parent run; the last worker out closes it."""
+    try:
+        others_running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+        summarise_to_parent(study, parent_id, seconds, final=not others_running)
+        if not others_running:
+            tracking.close_run(parent_id, status)
+    except Exception:  # the store is gone: the parent stays as it was, the trials are safe in Optuna
+        pass
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fail_dead_local_trials(study: optuna.Study) -> list[int]:
+    """Trials left RUNNING by a worker process on this host that no longer exists (kill -9, crash):
+    mark them failed and interrupted so they are re-queued, and end their MLflow runs FAILED.
+    (RDB storages also detect dead workers on any host through Optuna's heartbeat.)"""
+    host = socket.gethostname()
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
+            mark_dead_trial(study, t, f"worker {worker} died")
+            recovered.append(t.number)
+    return recovered
+
+
+def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    storage = study._storage
+    if trial.state == TrialState.RUNNING:
+        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    if trial.user_attrs.get("mlflow_run_id"):
+        try:
+            tracking.close_run(trial.user_attrs["mlflow_run_id"], "FAILED", error=reason)
+        except Exception:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's heartbeat check failed a trial whose worker stopped beating: end its MLflow run and
+    queue its configuration, so a surviving worker runs it again."""
+    mark_dead_trial(study, trial, "worker stopped sending heartbeats (killed or lost)")
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+
+
+# ---------------------------------------------------------------- several local workers
+
+
+def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs: int, console: Console | None = None) -> None:
+    """Start ``jobs`` worker processes on one study, each with an equal share of the cores,
+    all nesting their trials under one parent run."""
+    console = console or Console()
+    if opts.storage and opts.storage.startswith("sqlite"):
+        raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
+    tracking.setup(opts.tracking_uri)
+    study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
+    parent_id, _ = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
+        tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage), "bench.jobs": jobs})
+    threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // jobs)
+    cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--jobs", "1", "--threads", str(threads)]
+    console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}'")
+    env = {**os.environ, "BENCH_PARENT_RUN_ID": parent_id}
+    start, status = time.time(), "FINISHED"
+    workers = [subprocess.Popen(cmd, env=env) for _ in range(jobs)]
+    try:
+        codes = [w.wait() for w in workers]
+    except KeyboardInterrupt:  # the workers got the same SIGINT; let them mark their trials
+        codes, status = [w.wait() for w in workers], "KILLED"
+    if status == "FINISHED" and any(codes):
+        status = "FAILED"
+    finish_parent(study, parent_id, status, time.time() - start)
+    if status == "KILLED":
+        raise KeyboardInterrupt
+    console.print(best_table(study))
+    if status == "FAILED":
+        raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); finished trials are kept, re-run to resume")
+
+
+def worker_argv(argv: list[str], norm: str) -> list[str]:
+    """The user's ``bench tune`` arguments for one worker: this norm, without --jobs/--threads."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in ("--jobs", "--threads", "--norm"):
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return [*out, "--norm", norm]
 
 
 def _describe(dim) -> str:
@@ -280,36 +431,37 @@ def study_counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def summarise_to_parent(study: optuna.Study, seconds: float) -> None:
-    """Best trial, counts and study plots on the active (parent) run."""
-    import mlflow
-
+def summarise_to_parent(study: optuna.Study, parent_id: str, seconds: float, final: bool = True) -> None:
+    """Best trial, counts and study plots on the parent run."""
     counts = study_counts(study)
-    tracking.log_metrics({**counts, "study_seconds": seconds,
-                          "trials_seconds_total": sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0)})
+    trials_seconds = sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0)
+    tracking.log_to_run(parent_id, metrics={**counts, "study_seconds": seconds, "trials_seconds_total": trials_seconds})
     best = feasible_complete(study)
     if not best:
         return
     top = max(best, key=lambda t: t.value)
-    tracking.log_metrics({"best_val_acc": top.value, "best_test_acc": top.user_attrs.get("test_acc"), "best_trial": top.number})
-    mlflow.set_tags({"bench.best_run_id": top.user_attrs.get("mlflow_run_id", ""), "bench.best_params": str(top.params)})
-    for name, value in top.params.items():
-        mlflow.log_param(f"best.{name}", value)
-    log_study_plots(study)
+    tracking.log_to_run(
+        parent_id,
+        metrics={"best_val_acc": top.value, "best_test_acc": top.user_attrs.get("test_acc"), "best_trial": top.number},
+        tags={"bench.best_run_id": top.user_attrs.get("mlflow_run_id", ""), **{f"best.{k}": v for k, v in top.params.items()}},
+        params={f"best.{k}": v for k, v in top.params.items()} if final else None,
+        texts=study_plots(study) if final else None,
+    )
 
 
-def log_study_plots(study: optuna.Study) -> None:
-    """Optimisation history, parameter importances and parallel coordinates as HTML artifacts."""
+def study_plots(study: optuna.Study) -> dict[str, str]:
+    """Optimisation history, parameter importances and parallel coordinates as self-contained HTML."""
     import optuna.visualization as vis
 
     plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
              "parallel_coordinate": vis.plot_parallel_coordinate}
+    html = {}
     for name, plot in plots.items():
         try:
-            fig = plot(study)
+            html[f"study/{name}.html"] = plot(study).to_html(include_plotlyjs=True)
         except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need >= 2 complete trials
             continue
-        tracking.log_figure_html(fig.to_html(include_plotlyjs=True), f"study/{name}.html")
+    return html
 
 
 def best_table(study: optuna.Study, top_k: int = 5) -> Table:

@@ -118,7 +118,7 @@ def test_nan_trial_fails_and_study_goes_on(store):
     study.enqueue_trial({"lr": 1e12, "dropout": 0.0, "weight_decay": 1e-4, "width": 1.0})  # diverges
     study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
     states = [t.state for t in study.trials]
-    assert states[0] == TrialState.FAIL and "loss became" in study.trials[0].user_attrs["error"]
+    assert states[0] == TrialState.FAIL and "loss became" in study.trials[0].user_attrs["diverged"]
     assert len(states) == 2 and states[1] != TrialState.FAIL
     failed = [r for r in runs_of("bn") if r.data.tags.get(tracking.TAG_TRIAL) == "0"][0]
     assert failed.info.status == "FAILED" and "DivergedError" in failed.data.tags[tracking.TAG_ERROR]
