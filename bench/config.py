@@ -66,6 +66,7 @@ class BudgetConfig:
 class TuneConfig:
     trials: int = 20
     epochs: int = 0  # epochs per trial; 0 = train.epochs
+    train_subset: int = 0  # trials train on the first N training images (0 = all); confirm runs use all
     pruner: str = "median"
     warmup_epochs: int = 1  # epochs a trial runs before it may be pruned
     startup_trials: int = 5  # trials before the pruner and TPE take over
@@ -263,6 +264,7 @@ def validate(exp: Experiment) -> None:
         ("max_params", exp.budget.max_params >= 1, "must be >= 1"),
         ("trials", exp.tune.trials >= 1, "must be >= 1"),
         ("tune.epochs", exp.tune.epochs >= 0, "must be >= 0"),
+        ("tune.train_subset", exp.tune.train_subset >= 0, "must be >= 0"),
     ]
     for key, ok, rule in checks:
         if not ok:

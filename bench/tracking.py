@@ -54,6 +54,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", message=".*pydantic.*")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download many small artifacts
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 

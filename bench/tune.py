@@ -134,6 +134,8 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         exp = suggest(trial, self.exp)
         exp.train.epochs = self.epochs
+        if exp.tune.train_subset and not exp.train.train_subset:
+            exp.train.train_subset = exp.tune.train_subset
         n_params = count_params_fast(**vars(exp.model))
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("worker", worker_id())

@@ -1,0 +1,151 @@
+"""Re-training a study's best configuration: several seeds (``bench confirm``) or several batch sizes
+(``bench report --batch-sizes``), so the report can put a spread on every number.
+
+Each run is nested under the study parent run that holds the best trial (``mlflow.parentRunId``),
+so the MLflow UI shows it beside the trials, and carries ``bench.source_run_id`` (the trial run),
+``bench.study_run_id`` and ``bench.recipe`` (epochs and overrides). Re-running skips the seeds or
+batch sizes already finished with the same recipe, so an interrupted confirmation resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from . import records, tracking
+from .config import Experiment, find_experiment, hyperparameter_types, load, override
+from .errors import ConfigError
+from .records import StudyRecord
+from .run import load_data, train_tracked
+from .train import default_device, resolve_runtime, setup_threads
+
+
+@dataclass
+class ConfirmOptions:
+    seeds: int = 5
+    epochs: int | None = None  # None: the experiment file's train.epochs
+    study: str | None = None  # default: the norm's name
+    overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. {"train_subset": 500} for a smoke run
+    tracking_uri: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    threads: int | None = None
+    device: str | None = None
+
+
+def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
+    """The experiment file of the norm with the best trial's hyperparameters on top, on the full
+    training set for ``epochs`` (default: the file's train.epochs, not the shorter tuning epochs)."""
+    exp = load(find_experiment(record.norm))
+    logged = record.best.data.params
+    values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed")}
+    override(exp, **values, train_subset=0, epochs=epochs)
+    if "max_params" in logged:
+        exp.budget.max_params = int(logged["max_params"])
+    return override(exp, **(overrides or {}))
+
+
+def recipe(exp: Experiment, overrides: dict[str, Any]) -> str:
+    return " ".join([f"epochs={exp.train.epochs}", *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+
+
+def finished_keys(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> set[int]:
+    runs = records.derived_runs(record, kind)
+    return {int(r.data.tags[key_tag]) for r in runs if r.data.tags.get(records.TAG_RECIPE) == recipe_text and key_tag in r.data.tags}
+
+
+class Trainer:
+    """Loads data once per validation size and trains runs nested under a study's parent run."""
+
+    def __init__(self, opts: ConfirmOptions, console: Console):
+        self.opts, self.console = opts, console
+        self._data: dict[int, Any] = {}
+
+    def data(self, exp: Experiment):
+        if exp.train.val_size not in self._data:
+            self._data[exp.train.val_size] = load_data(exp, self.opts.data_dir, self.opts.download)
+        return self._data[exp.train.val_size]
+
+    def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, tags: dict[str, Any]) -> str:
+        device = torch.device(self.opts.device) if self.opts.device else default_device()
+        rt = resolve_runtime(exp.train, exp.model.norm, device)
+        data = self.data(exp)
+        tags = {
+            records.TAG_STUDY_RUN: record.best_parent_id,
+            records.TAG_SOURCE_RUN: record.best.info.run_id, tracking.TAG_STUDY: record.study,
+            "bench.source_trial": records.trial_number(record.best), **tags,
+        }
+        label = f"{record.norm} {name} "
+        with tracking.run(record.study, name, kind, tags=tags, parent_run_id=record.best_parent_id or None) as active:
+            _, result = train_tracked(exp, data, rt, console=self.console, label=label)
+        self.console.print(f"{label}val acc {result.best_val_acc:.4f}  test acc {result.test_acc:.4f}  "
+                           f"{result.seconds:.0f}s  run {active.info.run_id}")
+        return active.info.run_id
+
+
+def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
+    """Re-train the best trial of ``norm``'s study with seeds 0..seeds-1; returns the new run ids."""
+    console = console or Console()
+    setup_threads(opts.threads)
+    tracking.setup(opts.tracking_uri)
+    record = records.load_study(norm, opts.study)
+    exp = best_experiment(record, opts.epochs, opts.overrides)
+    text = recipe(exp, opts.overrides)
+    done = finished_keys(record, "confirm", records.TAG_SEED, text)
+    todo = [s for s in range(opts.seeds) if s not in done]
+    console.print(f"confirm {record.study}: trial {records.trial_number(record.best)} "
+                  f"(val acc {records.metric(record.best, 'best_val_acc'):.4f}), {text}; "
+                  f"seeds done {sorted(done) or 'none'}, to run {todo or 'none'}")
+    trainer = Trainer(opts, console)
+    return [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
+                          {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
+
+
+def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, console: Console | None = None) -> list[str]:
+    """Re-train the best trial of ``norm`` at each batch size (seed 0), learning rate scaled linearly."""
+    console = console or Console()
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigError(f"--batch-sizes: expected positive integers, got {batch_sizes}")
+    setup_threads(opts.threads)
+    tracking.setup(opts.tracking_uri)
+    record = records.load_study(norm, opts.study)
+    exp = best_experiment(record, opts.epochs, {**opts.overrides, "seed": 0})
+    text = recipe(exp, opts.overrides)
+    done = finished_keys(record, "batch_size", records.TAG_BATCH_SIZE, text)
+    todo = [b for b in batch_sizes if b not in done]
+    base_bs, base_lr = exp.train.batch_size, exp.train.lr
+    console.print(f"batch sizes {record.study}: best configuration's batch {base_bs} at lr {base_lr:.4g}, {text}; "
+                  f"done {sorted(done) or 'none'}, to run {todo or 'none'}")
+    trainer = Trainer(opts, console)
+    ids = []
+    for bs in todo:
+        scaled = override(copy.deepcopy(exp), batch_size=bs, lr=base_lr * bs / base_bs)
+        ids.append(trainer.train(record, scaled, "batch_size", f"batch-size-{bs}",
+                                 {records.TAG_BATCH_SIZE: bs, records.TAG_RECIPE: text, "bench.lr_scale": f"{bs}/{base_bs}"}))
+    return ids
+
+
+def norms_to_run(norm: str, study: str | None) -> list[str]:
+    """``all`` = every norm with a default-named study in MLflow (call after tracking.setup)."""
+    if norm != "all":
+        return [norm]
+    if study:
+        raise ConfigError("--study names one study; use it with a single --norm")
+    found = records.studied_norms()
+    if not found:
+        raise ConfigError("no studies in MLflow; run `bench tune --norm all` first")
+    return found
+
+
+def run_confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
+    """``bench confirm``: one norm or all studied ones."""
+    tracking.setup(opts.tracking_uri)
+    start = time.time()
+    ids = [run_id for one in norms_to_run(norm, opts.study) for run_id in confirm(one, opts, console)]
+    (console or Console()).print(f"{len(ids)} confirm run(s) in {time.time() - start:.0f}s; `bench report` summarises them")
+    return ids

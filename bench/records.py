@@ -1,0 +1,154 @@
+"""Reading a study back from MLflow: its parent runs, trial runs, best trial, confirm and batch-size runs.
+
+Shared by ``bench confirm`` (which needs the best trial) and ``bench report`` (which needs everything).
+Runs are found by the ``bench.*`` tags that tune, confirm and report write; nothing here trains.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import tracking
+from .config import NORMS
+from .errors import TrackingError
+
+# Tags of confirm and batch-size runs (beside tracking.TAG_*).
+TAG_SOURCE_RUN = "bench.source_run_id"  # the trial run whose configuration was re-trained
+TAG_STUDY_RUN = "bench.study_run_id"  # that trial's parent (study) run; also mlflow.parentRunId
+TAG_SEED = "bench.seed"
+TAG_BATCH_SIZE = "bench.batch_size"
+TAG_RECIPE = "bench.recipe"  # how the configuration was re-trained: epochs and any overrides
+PARENT = "mlflow.parentRunId"
+
+
+@dataclass
+class StudyRecord:
+    norm: str
+    study: str  # Optuna study name == MLflow experiment name
+    experiment_id: str
+    parents: list[Any]  # bench.kind=study runs, one per `bench tune` invocation, newest first
+    trials: list[Any]  # bench.kind=trial runs
+    best: Any  # the COMPLETE trial run with the highest best_val_acc
+    confirms: list[Any] = field(default_factory=list)  # of ``best``, one recipe, one run per seed
+    batch_runs: list[Any] = field(default_factory=list)  # of ``best``, one recipe, one run per batch size
+
+    @property
+    def best_parent_id(self) -> str:
+        return self.best.data.tags.get(PARENT, "")
+
+
+def search(experiment_id: str, kind: str, where: str = "") -> list[Any]:
+    """Runs of ``experiment_id`` tagged ``bench.kind = kind`` (plus an optional filter), newest first."""
+    import mlflow
+
+    query = f"tags.`{tracking.TAG_KIND}` = '{kind}'" + (f" and {where}" if where else "")
+    return mlflow.search_runs([experiment_id], query, output_format="list", order_by=["attributes.start_time DESC"])
+
+
+def state(run) -> str:
+    return run.data.tags.get(tracking.TAG_STATE, "")
+
+
+def trial_number(run) -> int:
+    return int(run.data.tags.get(tracking.TAG_TRIAL, -1))
+
+
+def best_trial(trials: list[Any]) -> Any | None:
+    """Highest best_val_acc among COMPLETE trials (the study's objective); ties go to the earlier trial."""
+    complete = [r for r in trials if state(r) == "COMPLETE" and "best_val_acc" in r.data.metrics]
+    return max(complete, key=lambda r: (r.data.metrics["best_val_acc"], -trial_number(r)), default=None)
+
+
+def trial_counts(trials: list[Any]) -> dict[str, int]:
+    """Trial runs by final state; INTERRUPTED trials count as failed, as Optuna records them."""
+    states = [state(r) for r in trials]
+    return {
+        "complete": states.count("COMPLETE"),
+        "pruned": states.count("PRUNED"),
+        "failed": states.count("FAIL") + states.count("INTERRUPTED"),
+        "rejected": states.count("REJECTED"),
+    }
+
+
+def load_study(norm: str, study: str | None = None) -> StudyRecord:
+    """Everything MLflow holds about the study of ``norm`` (named ``study``, default the norm)."""
+    import mlflow
+
+    name = study or norm
+    exp = mlflow.get_experiment_by_name(name)
+    parents = search(exp.experiment_id, "study") if exp else []
+    if not parents:
+        raise TrackingError(f"no study '{name}' in MLflow at {tracking.mask_url(mlflow.get_tracking_uri())}; run `bench tune --norm {norm}` first")
+    trials = search(exp.experiment_id, "trial")
+    best = best_trial(trials)
+    if best is None:
+        counts = ", ".join(f"{v} {k}" for k, v in trial_counts(trials).items())
+        raise TrackingError(f"study '{name}' has no complete trial yet ({len(trials)} trial runs: {counts}); run `bench tune --norm {norm}` to finish some")
+    record = StudyRecord(norm, name, exp.experiment_id, parents, trials, best)
+    record.confirms = main_recipe(derived_runs(record, "confirm"), TAG_SEED)
+    record.batch_runs = main_recipe(derived_runs(record, "batch_size"), TAG_BATCH_SIZE)
+    return record
+
+
+def derived_runs(record: StudyRecord, kind: str) -> list[Any]:
+    """Finished runs of ``kind`` that re-trained the study's best trial, newest first."""
+    where = f"tags.`{TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status = 'FINISHED'"
+    return search(record.experiment_id, kind, where)
+
+
+def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
+    """Runs of one recipe, the newest per ``key_tag`` (seed or batch size), sorted by that key.
+
+    The recipe with the most distinct keys wins (the newest on a tie), so a one-seed smoke run with
+    other epochs neither mixes into nor hides a full confirmation."""
+    by_recipe: dict[str, dict[int, Any]] = {}
+    for run in runs:  # newest first: the first run per key is the newest
+        chosen = by_recipe.setdefault(run.data.tags.get(TAG_RECIPE, ""), {})
+        chosen.setdefault(int(run.data.tags.get(key_tag, -1)), run)
+    if not by_recipe:
+        return []
+    newest = {recipe: max(r.info.start_time for r in chosen.values()) for recipe, chosen in by_recipe.items()}
+    best = max(by_recipe, key=lambda recipe: (len(by_recipe[recipe]), newest[recipe]))
+    return [by_recipe[best][k] for k in sorted(by_recipe[best])]
+
+
+def studied_norms() -> list[str]:
+    """Norms whose default-named study (MLflow experiment named after the norm) has a study run."""
+    import mlflow
+
+    found = []
+    for norm in NORMS:
+        exp = mlflow.get_experiment_by_name(norm)
+        if exp is not None and search(exp.experiment_id, "study"):
+            found.append(norm)
+    return found
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of a per-epoch metric, by step."""
+    from mlflow import MlflowClient
+
+    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
+
+
+def predictions(run_id: str) -> dict[str, np.ndarray] | None:
+    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.npz", dst_path=tmp)
+        except Exception:  # absent artifact: the store's exception types vary by backend
+            return None
+        with np.load(Path(path)) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def metric(run, key: str) -> float:
+    return float(run.data.metrics.get(key, math.nan))

@@ -1,0 +1,202 @@
+"""bench confirm and bench report on a tiny real study: confirm runs hang under the study, the report
+is built from MLflow alone, holds every section, and its numbers are the ones MLflow holds."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bench.confirm
+import bench.data
+import bench.run
+import bench.tune
+from bench import config, records, stats, tracking
+from bench.cli import cli
+from bench.data import CIFAR10
+from bench.report import build_report, duration, pct
+from bench.tune import TuneOptions, run_study
+REPO = Path(__file__).resolve().parents[1]
+
+TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000}
+NORMS = ("bn", "gn")
+SECTIONS = ("## Results per norm", "## Which differences are larger than the seed-to-seed spread", "## Training curves",
+            "## Optimisation history", "## Misclassified test images", "## Confusion matrices", "## Batch-size sensitivity", "## Sources")
+FIGURES = ("curves.png", "history.png", "misclassified.png", "confusion.png", "batch_sizes.png")
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(cli, list(args))
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit), result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def studies(cifar, tmp_path_factory):
+    """Two tiny studies (bn, gn: 2 trials, 1 epoch), confirmed with 2 seeds, plus batch-size runs at 50,
+    all in an isolated MLflow store; data is a 400/200/300 real slice."""
+    tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
+    root = tmp_path_factory.mktemp("report")
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_uri = tracking_utils._tracking_uri
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        uri = f"sqlite:///{root}/mlruns/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        torch.set_num_threads(1)
+        for module in (bench.tune, bench.confirm):
+            mp.setattr(module, "load_data", lambda *args, **kwargs: tiny)
+        for norm in NORMS:
+            exp = config.override(config.load(REPO / "experiments" / f"{norm}.toml"), **TINY)
+            run_study(exp, TuneOptions(trials=2, epochs=1, threads=1))
+        confirmed = invoke("confirm", "--norm", "all", "--seeds", "2", "--epochs", "1", "--threads", "1")
+        assert confirmed.exit_code == 0, confirmed.output
+        first = invoke("report", "--batch-sizes", "50", "--epochs", "1", "--threads", "1", "--out", "reports/first")
+        assert first.exit_code == 0, first.output
+        yield root
+    mlflow.set_tracking_uri(previous_uri)  # MLflow keeps its URI process-wide
+
+
+@pytest.fixture
+def no_data(monkeypatch, tmp_path):
+    """Any attempt to read CIFAR-10 fails the test."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the report must not load data")
+
+    for module, name in ((bench.data, "load_cifar10"), (bench.run, "load_data"), (bench.tune, "load_data"), (bench.confirm, "load_data")):
+        monkeypatch.setattr(module, name, forbidden)
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "nowhere"))
+
+
+def runs(study: str, kind: str) -> list:
+    return mlflow.search_runs(experiment_names=[study], filter_string=f"tags.`bench.kind` = '{kind}'", output_format="list")
+
+
+def table_row(text: str, norm: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {norm} |"))
+
+
+def test_confirm_runs_hang_under_the_study_and_resume(studies, no_data):
+    for norm in NORMS:
+        parent = runs(norm, "study")[0]
+        confirms = runs(norm, "confirm")
+        assert sorted(int(r.data.tags[records.TAG_SEED]) for r in confirms) == [0, 1]
+        for run in confirms:
+            assert run.data.tags[records.PARENT] == parent.info.run_id == run.data.tags[records.TAG_STUDY_RUN]
+            assert run.data.tags[records.TAG_SOURCE_RUN] == parent.data.tags["bench.best_run_id"]
+            assert run.data.params["epochs"] == "1" and run.data.params["train_subset"] == "0"
+            assert run.data.params["seed"] == run.data.tags[records.TAG_SEED]
+    again = invoke("confirm", "--norm", "bn", "--seeds", "2", "--epochs", "1")  # nothing left: no data, no runs
+    assert again.exit_code == 0 and "to run none" in again.output
+    assert len(runs("bn", "confirm")) == 2
+
+
+def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies, no_data):
+    out = build_report("bn,gn", studies / "reports" / "second")
+    text = (out / "report.md").read_text()
+    for section in SECTIONS:
+        assert section in text
+    for figure in FIGURES:
+        assert (out / figure).stat().st_size > 5000 and f"]({figure})" in text
+
+    for norm in NORMS:
+        parent = runs(norm, "study")[0]
+        metrics = parent.data.metrics
+        row = table_row(text, norm)
+        best = mlflow.get_run(parent.data.tags["bench.best_run_id"])
+        assert f"{pct(metrics['best_val_acc'])} (#{int(metrics['best_trial'])})" in row
+        assert f"{int(best.data.metrics['n_params']):,}" in row
+        assert f"{int(metrics['trials_complete'])} / {int(metrics['trials_pruned'])} / {int(metrics['trials_failed'])} / {int(metrics['trials_rejected'])}" in row
+        assert duration(metrics["study_seconds"]) in row
+        for name in ("lr", "dropout", "weight_decay", "width"):
+            assert f"{name}=" in row
+        accs = np.array([r.data.metrics["test_acc"] for r in runs(norm, "confirm")])
+        assert f"{pct(accs.mean())} ± {100 * accs.std(ddof=1):.2f} pp (n=2)" in row
+        half = 12.7062 * accs.std(ddof=1) / math.sqrt(2)  # t(0.975, 1)
+        assert f"[{pct(accs.mean() - half)}, {pct(accs.mean() + half)}]" in row
+        epoch_seconds = np.mean([r.data.metrics["mean_epoch_seconds"] for r in runs(norm, "confirm")])
+        assert f"| {epoch_seconds:.1f} |" in row
+        batch = runs(norm, "batch_size")[0]
+        assert batch.data.params["batch_size"] == "50"
+        assert float(batch.data.params["lr"]) == pytest.approx(float(best.data.params["lr"]) / 2)
+        assert pct(batch.data.metrics["test_acc"]) in table_row(text.split("## Batch-size sensitivity")[1], norm)
+
+    a, b = (np.array([r.data.metrics["test_acc"] for r in runs(n, "confirm")]) for n in NORMS)
+    t = (a.mean() - b.mean()) / math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
+    assert f"t = {t:.2f}" in text
+    assert re.search(r"\*\*Larger than the seed-to-seed spread:\*\* .+\.\n\*\*Within the spread:\*\* .+\.", text)
+
+    report_run = runs("reports", "report")[0]
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(report_run.info.run_id)}
+    assert {"report.md", *FIGURES} <= logged
+    assert report_run.data.metrics["bn.confirm_seeds"] == 2
+
+
+def test_confusion_matrix_counts_every_test_image_of_every_seed(studies, no_data):
+    from bench.report import confusion
+
+    record = records.load_study("bn")
+    matrix = confusion([records.predictions(r.info.run_id) for r in record.confirms])
+    assert matrix.sum() == 2 * 300
+    assert np.trace(matrix) / 300 == pytest.approx(sum(r.data.metrics["test_acc"] for r in record.confirms), abs=1e-6)
+
+
+def one_line_error(result, *words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_study_is_one_line_error(studies, no_data):
+    one_line_error(invoke("report", "--norms", "bn,ln"), "no study 'ln'", "bench tune --norm ln")
+    one_line_error(invoke("confirm", "--norm", "ln"), "no study 'ln'")
+
+
+def test_study_without_finished_trial_is_one_line_error(studies, no_data):
+    with tracking.run("empty", "empty-study", "study", tags={tracking.TAG_NORM: "ln"}) as parent:
+        pass
+    with tracking.run("empty", "trial-0", "trial", tags={tracking.TAG_STATE: "PRUNED", tracking.TAG_TRIAL: 0, "mlflow.parentRunId": parent.info.run_id}):
+        pass
+    one_line_error(invoke("report", "--norms", "ln=empty"), "study 'empty' has no complete trial", "1 pruned")
+    one_line_error(invoke("confirm", "--norm", "ln", "--study", "empty"), "no complete trial")
+
+
+def test_unreachable_tracking_server_is_one_line_error(studies, no_data):
+    try:
+        one_line_error(invoke("report", "--tracking-uri", "http://127.0.0.1:9"), "unreachable")
+    finally:
+        mlflow.set_tracking_uri(f"sqlite:///{studies}/mlruns/mlflow.db")
+
+
+def test_t_quantiles_and_welch_match_tables():
+    assert stats.t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
+    assert stats.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+    w = stats.welch([1, 2, 3, 4], [2, 3, 5, 7, 9])  # R: t = -1.8827, df = 5.7922, p-value = 0.1105
+    assert (w.t, w.df, w.p) == pytest.approx((-1.8827, 5.7922, 0.1105), abs=1e-4)
+    assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+
+
+def test_main_recipe_prefers_most_seeds_then_newest():
+    from types import SimpleNamespace
+
+    def run(seed, recipe, start):
+        return SimpleNamespace(data=SimpleNamespace(tags={records.TAG_SEED: str(seed), records.TAG_RECIPE: recipe}),
+                               info=SimpleNamespace(start_time=start))
+
+    full = [run(s, "epochs=15", 10 + s) for s in range(3)]
+    smoke = [run(0, "epochs=1 train_subset=300", 99)]
+    newer_seed0 = run(0, "epochs=15", 50)
+    chosen = records.main_recipe(sorted([*full, *smoke, newer_seed0], key=lambda r: -r.info.start_time), records.TAG_SEED)
+    assert chosen == [newer_seed0, full[1], full[2]]
+    assert records.main_recipe([smoke[0]], records.TAG_SEED) == smoke
