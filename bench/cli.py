@@ -42,9 +42,12 @@ def data_options(f):
     return f
 
 
+EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
+
+
 def load_experiment(experiment_file, norm, assignments=(), **values) -> config_mod.Experiment:
     """The experiment file (explicit, or experiments/<norm>.toml), then flags on top."""
-    path = experiment_file or config_mod.find_experiment(norm or "bn")
+    path = experiment_file or config_mod.find_experiment(EXPERIMENT_FOR_NORM.get(norm, norm or "bn"))
     exp = config_mod.load(path)
     flags = {k: v for k, v in values.items() if v is not None}
     config_mod.override(exp, **{**config_mod.parse_assignments(assignments), **flags, "norm": norm})

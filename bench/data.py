@@ -96,37 +96,49 @@ def read_bin_file(path: Path, expected_records: int | None = 10_000) -> Split:
     return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels))
 
 
-def _read_bin(folder: Path, expected_records: int | None) -> tuple[Split, Split, hashlib._Hash]:
+def _digest(train: Split, test: Split) -> hashlib._Hash:
+    """sha256 of train images, train labels, test images, test labels: the same for both layouts."""
     digest = hashlib.sha256()
-    parts = []
-    for name in TRAIN_BIN + [TEST_BIN]:
-        split = read_bin_file(folder / name, expected_records)
-        digest.update(split.images.numpy().tobytes())
-        digest.update(split.labels.numpy().tobytes())
-        parts.append(split)
+    for t in (train.images, train.labels, test.images, test.labels):
+        digest.update(t.contiguous().numpy())
+    return digest
+
+
+def _read_bin(folder: Path, expected_records: int | None) -> tuple[Split, Split, hashlib._Hash]:
+    parts = [read_bin_file(folder / name, expected_records) for name in TRAIN_BIN + [TEST_BIN]]
     train = Split(torch.cat([p.images for p in parts[:-1]]), torch.cat([p.labels for p in parts[:-1]]))
-    return train, parts[-1], digest
+    return train, parts[-1], _digest(train, parts[-1])
 
 
 def _read_py(root: Path, download: bool) -> tuple[Split, Split, hashlib._Hash]:
     from torchvision.datasets import CIFAR10 as TorchvisionCIFAR10
 
-    digest = hashlib.sha256()
     splits = []
     for is_train in (True, False):
         try:
             ds = TorchvisionCIFAR10(str(root), train=is_train, download=download)
         except RuntimeError as err:
+            bad = _first_bad_py_file(root / PY_DIR, TorchvisionCIFAR10)
+            what = f"file {bad} is missing or fails its md5 check" if bad else f"under {root / PY_DIR} is unreadable ({err})"
             raise DataError(
-                f"CIFAR-10 (python layout) under {root / PY_DIR} is missing or corrupt ({err}); "
+                f"CIFAR-10 (python layout) {what}; "
                 "run with --download or point --data-dir/BENCH_DATA_DIR at a complete copy"
             ) from None
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
         labels = torch.tensor(ds.targets, dtype=torch.int64)
-        digest.update(images.numpy().tobytes())
-        digest.update(labels.numpy().tobytes())
         splits.append(Split(images, labels))
-    return splits[0], splits[1], digest
+    return splits[0], splits[1], _digest(splits[0], splits[1])
+
+
+def _first_bad_py_file(folder: Path, dataset_cls) -> Path | None:
+    """The first file torchvision's integrity check rejects, to name it in the error."""
+    from torchvision.datasets.utils import check_integrity
+
+    files = dataset_cls.train_list + dataset_cls.test_list + [[dataset_cls.meta["filename"], dataset_cls.meta["md5"]]]
+    for name, md5 in files:
+        if not check_integrity(str(folder / name), md5):
+            return folder / name
+    return None
 
 
 def load_cifar10(
@@ -151,6 +163,11 @@ def load_cifar10(
             "themselves); set BENCH_DATA_DIR or --data-dir to the folder, or pass --download"
         )
     kind, folder = layout
+    if kind == "py" and folder.name != PY_DIR:
+        raise DataError(
+            f"CIFAR-10 python batches found directly in {folder}, but torchvision reads them only from a "
+            f"folder named {PY_DIR}: move them into {folder / PY_DIR}"
+        )
     if kind == "bin":
         train, test, digest = _read_bin(folder, expected_records)
     else:

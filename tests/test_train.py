@@ -1,0 +1,256 @@
+"""Training: a short real run whose loss falls, determinism, divergence, evaluate/predict, the
+optimiser and schedule set-up. Real data slices are small and runs are one epoch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from bench.config import TrainConfig
+from bench.data import CIFAR10, Split
+from bench.errors import DivergedError
+from bench.models import create_model
+from bench.train import (
+    create_optimizer,
+    create_scheduler,
+    evaluate,
+    fit,
+    predict,
+    resolve_runtime,
+)
+
+TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
+RECORD_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} | TIMING_KEYS
+
+
+def tiny(data: CIFAR10, n_train=512, n_val=200, n_test=200) -> CIFAR10:
+    return CIFAR10(data.train.take(n_train), data.val.take(n_val), data.test.take(n_test), data.source, data.digest)
+
+
+def new_model(norm="bn", seed=0, preset="seed_bn", **kwargs) -> nn.Module:
+    torch.manual_seed(seed)
+    return create_model(preset, norm, **kwargs)
+
+
+def cfg(**kwargs) -> TrainConfig:
+    return TrainConfig(**{"epochs": 1, "batch_size": 128, "seed": 0, **kwargs})
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+# ---------------------------------------------------------------- a real run
+
+
+@pytest.fixture(scope="module")
+def smoke(small_cifar):
+    """One epoch (63 steps) of the seed BatchNorm model on 2,000 real images, with the loss before it."""
+    config = cfg(batch_size=32)
+    rt = resolve_runtime(config, "bn")
+    model = new_model()
+    before_train = evaluate(model, small_cifar.train, rt)
+    before_val = evaluate(model, small_cifar.val, rt)
+    epochs = []
+    result = fit(model, small_cifar, config, rt, on_epoch=lambda e, r: epochs.append((e, dict(r))))
+    return {"model": model, "result": result, "rt": rt, "before_train": before_train, "before_val": before_val,
+            "epochs": epochs, "config": config}
+
+
+def test_one_epoch_on_real_data_lowers_the_loss(smoke, small_cifar):
+    result, rt = smoke["result"], smoke["rt"]
+    before_loss, before_acc = smoke["before_val"]
+    assert before_loss == pytest.approx(math.log(10), abs=0.1)  # an untrained model is at chance
+    assert len(result.history) == 1
+    record = result.history[0]
+    assert set(record) == RECORD_KEYS
+    after_train, _ = evaluate(smoke["model"], small_cifar.train, rt)
+    assert after_train < smoke["before_train"][0] - 0.1
+    assert record["val_loss"] < before_loss - 0.1
+    assert record["train_loss"] < math.log(10)  # the epoch's mean loss is already below chance
+    assert record["val_acc"] > 0.15 and result.test_acc > 0.15  # chance is 0.10
+    assert 0 < result.test_loss < before_loss
+    assert record["images_per_s"] > 0 and record["epoch_seconds"] > 0 and result.seconds >= record["epoch_seconds"]
+    assert result.best_val_acc == record["val_acc"]
+
+
+def test_on_epoch_gets_every_epoch_record(smoke):
+    assert smoke["epochs"] == [(1, smoke["result"].history[0])]
+
+
+def test_same_seed_same_result(smoke, small_cifar):
+    model = new_model()
+    result = fit(model, small_cifar, smoke["config"], smoke["rt"])
+    assert without_timing(result.history) == without_timing(smoke["result"].history)
+    assert (result.test_loss, result.test_acc) == (smoke["result"].test_loss, smoke["result"].test_acc)
+    for (name, a), (_, b) in zip(model.state_dict().items(), smoke["model"].state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_determinism_and_seed_sensitivity(small_cifar, precision):
+    data = tiny(small_cifar, n_train=256)
+    config = cfg(precision=precision, batch_size=64, cutout=8)
+    rt = resolve_runtime(config, "gn")
+    runs = []
+    for i in range(2):
+        model = new_model("gn")
+        torch.rand(1000 * (i + 1))  # whatever ran before in the process: fit seeds its own randomness
+        runs.append(fit(model, data, config, rt))
+    assert without_timing(runs[0].history) == without_timing(runs[1].history)
+    assert runs[0].test_acc == runs[1].test_acc and runs[0].test_loss == runs[1].test_loss
+    other = fit(new_model("gn"), data, cfg(precision=precision, batch_size=64, cutout=8, seed=1), rt)
+    assert other.history[0]["train_loss"] != runs[0].history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optimizer": "adamw", "lr": 0.003, "schedule": "cosine", "label_smoothing": 0.1},
+    {"optimizer": "sgd", "nesterov": False, "momentum": 0.0, "schedule": "constant", "lr": 0.05, "flip": False, "crop_padding": 0},
+])
+def test_other_optimisers_and_schedules_train(small_cifar, overrides):
+    data = tiny(small_cifar, n_train=384)
+    config = cfg(batch_size=64, **overrides)
+    result = fit(new_model("ln"), data, config, resolve_runtime(config, "ln"))
+    record = result.history[0]
+    assert math.isfinite(record["train_loss"]) and record["lr"] == pytest.approx(config.lr)
+    assert 0 <= result.test_acc <= 1
+
+
+def test_train_subset_limits_the_images(small_cifar):
+    config = cfg(train_subset=336, batch_size=16)  # 21 steps instead of 125
+    seen = []
+    result = fit(new_model(), small_cifar, config, resolve_runtime(config, "bn"), on_step=lambda n, loss, acc: seen.append((n, loss, acc)))
+    assert [n for n, _, _ in seen] == [20 * 16]  # the progress hook fires every 20 steps
+    assert 0 < seen[0][1] < 5 and 0 <= seen[0][2] <= 1
+    assert len(result.history) == 1
+
+
+def test_on_epoch_can_stop_the_run(small_cifar):
+    class Prune(Exception):
+        pass
+
+    def on_epoch(epoch, record):
+        raise Prune(epoch)
+
+    config = cfg(epochs=3)
+    with pytest.raises(Prune) as err:
+        fit(new_model(), tiny(small_cifar, n_train=128), config, resolve_runtime(config, "bn"), on_epoch=on_epoch)
+    assert err.value.args == (1,)
+
+
+# ---------------------------------------------------------------- divergence
+
+
+def test_huge_learning_rate_raises_diverged(small_cifar):
+    config = cfg(lr=1e6, schedule="constant", batch_size=32, precision="fp32")
+    with pytest.raises(DivergedError) as err:
+        fit(new_model(), tiny(small_cifar, n_train=1000), config, resolve_runtime(config, "bn"))
+    msg = str(err.value)
+    assert "nan" in msg.lower() or "inf" in msg.lower()
+    assert "lower the learning rate" in msg
+
+
+def test_nan_loss_stops_the_run_early_with_a_clear_error(small_cifar):
+    model = new_model()
+    calls = []
+
+    def poison(module, inputs, output):  # from the 5th training step on, the logits are NaN
+        if module.training:
+            calls.append(1)
+            if len(calls) >= 5:
+                return output * float("nan")
+        return output
+
+    model.layers[-1].register_forward_hook(poison)
+    epochs = []
+    config = cfg(batch_size=16, epochs=2)
+    with pytest.raises(DivergedError, match="by step 20"):
+        fit(model, tiny(small_cifar, n_train=1600), config, resolve_runtime(config, "bn"), on_epoch=lambda e, r: epochs.append(e))
+    assert len(calls) == 20  # stopped at the first check, not after 100 steps
+    assert epochs == []
+
+
+def test_nan_in_the_last_steps_of_an_epoch_is_caught(small_cifar):
+    model = new_model()
+    steps = []
+
+    def poison(module, inputs, output):  # only the 3rd (last) step, after any periodic check
+        if module.training:
+            steps.append(1)
+            if len(steps) == 3:
+                return output * float("inf")
+        return output
+
+    model.layers[-1].register_forward_hook(poison)
+    config = cfg(batch_size=64, epochs=1)
+    with pytest.raises(DivergedError, match="by step 3"):
+        fit(model, tiny(small_cifar, n_train=150), config, resolve_runtime(config, "bn"))
+
+
+# ---------------------------------------------------------------- evaluate and predict
+
+
+def test_predict_and_evaluate(smoke, small_cifar):
+    model, rt = smoke["model"], smoke["rt"]
+    model.train()
+    logits = predict(model, small_cifar.val, rt, batch_size=300)
+    assert not model.training  # predict evaluates in eval mode
+    assert logits.shape == (500, 10) and logits.dtype == torch.float32 and logits.device.type == "cpu"
+    assert torch.equal(logits, predict(model, small_cifar.val, rt, batch_size=500))  # batching does not matter
+    loss, acc = evaluate(model, small_cifar.val, rt, batch_size=128)
+    expected_acc = (logits.argmax(1) == small_cifar.val.labels).float().mean().item()
+    assert acc == pytest.approx(expected_acc)
+    assert loss == pytest.approx(nn.functional.cross_entropy(logits, small_cifar.val.labels).item(), rel=1e-5)
+    assert acc == pytest.approx(smoke["result"].history[0]["val_acc"])
+
+
+def test_evaluate_empty_split_is_nan(smoke):
+    empty = Split(torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.int64))
+    loss, acc = evaluate(smoke["model"], empty, smoke["rt"])
+    assert math.isnan(loss) and math.isnan(acc)
+    assert predict(smoke["model"], empty, smoke["rt"]).shape == (0, 10)
+
+
+# ---------------------------------------------------------------- set-up pieces
+
+
+def test_runtime_resolution():
+    assert resolve_runtime(cfg(precision="fp32"), "bn", torch.device("cpu")).dtype == torch.float32
+    assert resolve_runtime(cfg(precision="bf16"), "bn", torch.device("cpu")).dtype == torch.bfloat16
+    assert resolve_runtime(cfg(channels_last="on"), "gn").memory_format == torch.channels_last
+    assert resolve_runtime(cfg(channels_last="off"), "bn").memory_format == torch.contiguous_format
+    rt = resolve_runtime(cfg(precision="fp32"), "bn", torch.device("cpu"))
+    assert "cpu float32" in rt.describe()
+
+
+def test_no_weight_decay_on_norm_parameters():
+    model = create_model("seed_bn", "bn")
+    opt = create_optimizer(model, cfg(weight_decay=1e-3))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 1e-3 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 4 for p in decay["params"]) and len(decay["params"]) == 11
+    assert len(no_decay["params"]) == 16  # weight and bias of 8 BatchNorms
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    assert isinstance(create_optimizer(model, cfg(optimizer="adamw")), torch.optim.AdamW)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules(schedule):
+    config = cfg(schedule=schedule, lr=0.1)
+    opt = create_optimizer(nn.Linear(2, 2), config)
+    sched = create_scheduler(opt, config, total_steps=100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    if schedule == "onecycle":
+        assert lrs[0] == pytest.approx(0.1 / 25) and max(lrs) == pytest.approx(0.1, rel=1e-3)
+        assert 20 <= lrs.index(max(lrs)) <= 40 and lrs[-1] < 1e-4
+    elif schedule == "cosine":
+        assert lrs[0] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.05, rel=0.05) and lrs[-1] < 1e-3
+    else:
+        assert lrs == [pytest.approx(0.1)] * 100
