@@ -45,6 +45,14 @@ def data_options(f):
 EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
 
 
+def runtime_options(f):
+    """Where to run and where to record: --device, --threads, --tracking-uri."""
+    f = click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")(f)
+    f = click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")(f)
+    f = click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")(f)
+    return f
+
+
 def load_experiment(experiment_file, norm, assignments=(), **values) -> config_mod.Experiment:
     """The experiment file (explicit, or experiments/<norm>.toml), then flags on top."""
     path = experiment_file or config_mod.find_experiment(EXPERIMENT_FOR_NORM.get(norm, norm or "bn"))
@@ -55,7 +63,7 @@ def load_experiment(experiment_file, norm, assignments=(), **values) -> config_m
 
 
 def friendly_errors(f):
-    """Turn user-facing errors into one line on stderr and exit status 2."""
+    """User-facing errors: one line on stderr, exit 2. Ctrl-C/SIGTERM: exit 130, work kept."""
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -64,6 +72,9 @@ def friendly_errors(f):
         except BenchError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
+            sys.exit(130)
 
     return wrapper
 
@@ -98,9 +109,7 @@ def model_kwargs(exp: config_mod.Experiment) -> dict:
 @experiment_options
 @data_options
 @click.option("--save", type=click.Path(dir_okay=False), help="Write the trained model (checkpoint with its config) here.")
-@click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-@click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@runtime_options
 @click.option("--no-track", is_flag=True, help="Do not log this run to MLflow.")
 @friendly_errors
 def train(experiment_file, norm, assignments, data_dir, download, save, device, threads, tracking_uri, no_track, **values):
@@ -124,9 +133,7 @@ def train(experiment_file, norm, assignments, data_dir, download, save, device, 
 @click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
 @click.option("--pruner", type=click.Choice(config_mod.PRUNERS), help="Pruner (default from the experiment).")
 @click.option("--tune-epochs", "tune_epochs", type=int, help="Epochs per trial (default: [tune] epochs).")
-@click.option("--device", help="cpu, cuda, ... (default: cuda when available).")
-@click.option("--threads", type=int)
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@runtime_options
 @click.option("--jobs", default="1", show_default=True, help="Local worker processes on the study (an integer, or auto).")
 @friendly_errors
 def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, timeout, pruner,
@@ -147,14 +154,10 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
         opts = TuneOptions(trials=trials, more=more, epochs=tune_epochs or epochs, study=study if len(norms) == 1 else None,
                            storage=storage, timeout=timeout, seed=seed or 0, pruner=pruner, tracking_uri=tracking_uri,
                            data_dir=data_dir, download=download, threads=threads, device=device)
-        try:
-            if n_jobs > 1:
-                run_workers(exp, opts, worker_argv(sys.argv[2:], one), n_jobs, console)
-            else:
-                run_study(exp, opts, console)
-        except KeyboardInterrupt:
-            console.print("interrupted: finished trials are kept; run the same command again to resume")
-            sys.exit(130)
+        if n_jobs > 1:
+            run_workers(exp, opts, worker_argv(sys.argv[2:], one), n_jobs, console)
+        else:
+            run_study(exp, opts, console)
 
 
 @cli.command()
@@ -207,9 +210,7 @@ def speed(data_dir, download, json_path, knobs, **options):
 @click.option("--study", help="Study / MLflow experiment name (default: the norm).")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Override a hyperparameter of the best trial, e.g. --set train_subset=500 for a smoke run.")
 @data_options
-@click.option("--device", help="cpu, cuda, ... (default: cuda when available).")
-@click.option("--threads", type=int)
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@runtime_options
 @friendly_errors
 def confirm(norm, seeds, epochs, study, assignments, data_dir, download, device, threads, tracking_uri):
     """Re-train a study's best trial with several seeds, each an MLflow run under the study's parent run."""
@@ -217,11 +218,7 @@ def confirm(norm, seeds, epochs, study, assignments, data_dir, download, device,
 
     opts = ConfirmOptions(seeds=seeds, epochs=epochs, study=study, overrides=config_mod.parse_assignments(assignments),
                           tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
-    try:
-        run_confirm(norm, opts, console)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished seeds are kept; run the same command again to resume")
-        sys.exit(130)
+    run_confirm(norm, opts, console)
 
 
 @cli.command()
@@ -230,9 +227,7 @@ def confirm(norm, seeds, epochs, study, assignments, data_dir, download, device,
 @click.option("--batch-sizes", help="Also train each norm's best configuration at these batch sizes (e.g. 16,64,256; lr scaled linearly).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs of the --batch-sizes runs (default: the experiment file's train.epochs).")
 @data_options
-@click.option("--device", help="cpu, cuda, ... (for --batch-sizes).")
-@click.option("--threads", type=int)
-@click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
+@runtime_options
 @friendly_errors
 def report(norms, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
     """Markdown + PNG report of the studies from MLflow, logged as a report run."""
@@ -241,11 +236,7 @@ def report(norms, out, batch_sizes, epochs, data_dir, download, device, threads,
 
     sizes = parse_batch_sizes(batch_sizes)
     opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
-    try:
-        run_report(norms, out, sizes, opts, console)
-    except KeyboardInterrupt:
-        console.print("interrupted: finished batch-size runs are kept; run the same command again to resume")
-        sys.exit(130)
+    run_report(norms, out, sizes, opts, console)
 
 
 def parse_batch_sizes(text: str | None) -> list[int]:
