@@ -185,19 +185,26 @@ def ui(host, port, tracking_uri):
 @click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch256, eval_batch1000.")
 @click.option("--profile", is_flag=True, help="Also list the ops the bench training step spends its time in.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure to this JSON file.")
+@click.option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
+@click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @data_options
 @friendly_errors
-def speed(data_dir, download, json_path, knobs, **options):
+def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
     """Training and evaluation images/s of the harness against the seed notebooks' pipeline, interleaved."""
     from .data import load_cifar10
-    from .speed import SpeedOptions, render, run_speed, write_json
+    from .speed import SpeedOptions, render, render_time_to_accuracy, run_speed, time_to_accuracy, write_json
 
     ablate = options.pop("ablate") or bool(knobs)
     opts = SpeedOptions(**options, knobs=tuple(knobs), ablate=ablate)
     data = load_cifar10(data_dir, download=download)
     with console.status("measuring") as status:
-        report = run_speed(opts, data, progress=lambda message: status.update(f"measuring: {message}"))
-    render(report, console)
+        if to_accuracy:
+            exp = load_experiment(None, opts.norm, (), epochs=epochs, batch_size=opts.batch_size)
+            report = time_to_accuracy(data, exp.train, to_accuracy, opts.model_preset, opts.norm, opts.workers,
+                                      progress=lambda message: status.update(f"training: {message}"))
+        else:
+            report = run_speed(opts, data, progress=lambda message: status.update(f"measuring: {message}"))
+    (render_time_to_accuracy if to_accuracy else render)(report, console)
     if json_path:
         write_json(report, json_path)
         console.print(f"wrote {json_path}")

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from bench.cli import cli
+from bench.data import CIFAR10
 from bench.errors import ConfigError
 from bench.models import Dropout, count_params
 from bench.speed import SpeedOptions, bench_model, render, run_speed, seed_model, write_json
@@ -108,3 +109,19 @@ def test_cli_bad_input_is_one_line(cifar_dir):
     result = CliRunner().invoke(cli, ["speed", "--steps", "0", "--data-dir", str(cifar_dir)])
     assert result.exit_code == 2
     assert result.output.strip() == "error: --steps must be >= 1"
+
+
+def test_time_to_accuracy_trains_both_pipelines_and_finds_the_first_epoch(small_cifar):
+    from bench.config import TrainConfig
+    from bench.speed import time_to_accuracy
+
+    data = CIFAR10(train=small_cifar.train.take(256), val=small_cifar.val.take(64), test=small_cifar.test.take(200),
+                   source=small_cifar.source, digest=small_cifar.digest)
+    result = time_to_accuracy(data, TrainConfig(epochs=2, batch_size=64), target=0.01, workers=0)
+    for side in ("baseline", "bench"):
+        curve = result["curves"][side]
+        assert [p["epoch"] for p in curve] == [1, 2]
+        assert curve[0]["seconds"] < curve[1]["seconds"]
+        assert result[side]["epoch"] == 1 and result[side]["final_test_acc"] == curve[-1]["test_acc"]
+    unreachable = time_to_accuracy(data, TrainConfig(epochs=1, batch_size=64), target=1.0, workers=0)
+    assert unreachable["bench"]["epoch"] is None or unreachable["curves"]["bench"][0]["test_acc"] == 1.0
