@@ -185,6 +185,7 @@ def ui(host, port, tracking_uri):
 @click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch256, eval_batch1000.")
 @click.option("--profile", is_flag=True, help="Also list the ops the bench training step spends its time in.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure to this JSON file.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the models, shuffling and augmentation.")
 @click.option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @data_options
@@ -199,7 +200,7 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
     data = load_cifar10(data_dir, download=download)
     with console.status("measuring") as status:
         if to_accuracy:
-            exp = load_experiment(None, opts.norm, (), epochs=epochs, batch_size=opts.batch_size)
+            exp = load_experiment(None, opts.norm, (), epochs=epochs, batch_size=opts.batch_size, seed=opts.seed)
             report = time_to_accuracy(data, exp.train, to_accuracy, opts.model_preset, opts.norm, opts.workers,
                                       progress=lambda message: status.update(f"training: {message}"))
         else:
