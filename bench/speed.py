@@ -187,17 +187,22 @@ def seed_eval_runner(model: nn.Module, split: Split, batch_size: int, workers: i
     loader = seed_loader(split, batch_size, workers, train=False)
 
     def run(images: int) -> int:
-        model.eval()
-        seen = correct = 0
-        with torch.no_grad():
-            for x, y in loader:
-                correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
-                seen += len(y)
-                if seen >= images:
-                    break
-        return seen
+        return seed_test(model, loader, device, images)[1]
 
     return run
+
+
+def seed_test(model: nn.Module, loader, device: torch.device, images: int | None = None) -> tuple[int, int]:
+    """The seeds' test loop (``no_grad``, per-batch ``.item()``): (correct, seen) over up to ``images``."""
+    model.eval()
+    seen = correct = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
+            seen += len(y)
+            if images is not None and seen >= images:
+                break
+    return correct, seen
 
 
 # ---------------------------------------------------------------- the harness's pipeline
@@ -615,12 +620,7 @@ def seed_epoch(model: nn.Module, loader, optimizer, scheduler, device: torch.dev
 
 
 def seed_test_accuracy(model: nn.Module, loader, device: torch.device) -> float:
-    model.eval()
-    correct = seen = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += (model(x.to(device)).argmax(1) == y.to(device)).sum().item()
-            seen += len(y)
+    correct, seen = seed_test(model, loader, device)
     return correct / seen
 
 
