@@ -13,7 +13,8 @@ from rich.console import Console
 from . import config as config_mod
 from .errors import BenchError
 
-console = Console(highlight=False, soft_wrap=True)
+# Logs piped to a file get full-width lines and tables instead of the 80-column default.
+console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
 def experiment_options(f):
