@@ -10,10 +10,10 @@ import contextlib
 import logging
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import torch
@@ -32,16 +32,14 @@ TAG_TRIAL = "optuna.trial_number"
 TAG_ERROR = "bench.error"
 
 
+_CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*:)(?P<password>[^\s/@]+)@")
+
+
 def mask_url(url: str) -> str:
-    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``; anything without a password unchanged."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """``postgresql://u:secret@h/db`` -> ``postgresql://u:***@h/db``; anything without a password unchanged.
+
+    Works on any text, so error messages that quote a URL are masked too."""
+    return _CREDENTIALS.sub(lambda m: f"{m['head']}***@", str(url))
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -55,6 +53,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*pydantic.*")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download many small artifacts
+    # MLflow prints "View run at <server URL>" for every run on a tracking server: noise between the
+    # trial lines, and the URL would carry a password given in --tracking-uri.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
@@ -81,8 +82,14 @@ def _probe_server(uri: str, timeout: float = 5.0) -> None:
     import urllib.error
     import urllib.request
 
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    # urllib would take "user:password@host" for the host name: probe the host alone (MLflow's own
+    # client sends the credentials as HTTP basic auth).
+    probe = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        urllib.request.urlopen(probe.rstrip("/") + "/health", timeout=timeout).close()
     except urllib.error.HTTPError:
         return  # the server answers (perhaps behind auth): MLflow's own check decides
     except OSError as err:
@@ -126,7 +133,7 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
     """
     import mlflow
 
-    all_tags = {TAG_KIND: kind, **(tags or {})}
+    all_tags = {TAG_KIND: kind, **{k: str(v) for k, v in (tags or {}).items()}}  # a tracking server takes strings only
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id(experiment), run_name=None if run_id else run_name,
         nested=nested, tags=all_tags if not run_id else None, parent_run_id=parent_run_id,
@@ -154,20 +161,48 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
 def open_parent(experiment: str, study: str, run_name: str, tags: dict[str, Any]) -> tuple[str, bool]:
     """The study's RUNNING parent run if a worker already opened one, else a new one.
 
-    Returns (run_id, joined). Workers on other machines find the parent by its tags.
+    Returns (run_id, joined). Workers on other machines find the parent by its tags. MLflow has
+    no create-if-absent, so workers starting at once may each create one: every worker then
+    takes the oldest RUNNING parent (start time, then run id) and deletes its own if it lost, so
+    they all agree on one. (Start times come from the workers' clocks: keep them in sync.)
     """
     import mlflow
 
     exp_id = experiment_id(experiment)
     client = mlflow.MlflowClient()
-    running = client.search_runs(
-        [exp_id], f"tags.`{TAG_KIND}` = 'study' AND tags.`{TAG_STUDY}` = '{study}' AND attributes.status = 'RUNNING'",
-        max_results=1, order_by=["attributes.start_time DESC"],
-    )
+
+    def running_parents() -> list:
+        found = client.search_runs(
+            [exp_id], f"tags.`{TAG_KIND}` = 'study' AND tags.`{TAG_STUDY}` = '{study}' AND attributes.status = 'RUNNING'",
+            max_results=50, order_by=["attributes.start_time ASC"],
+        )
+        return sorted(found, key=lambda r: (r.info.start_time, r.info.run_id))
+
+    running = running_parents()
     if running:
         return running[0].info.run_id, True
-    created = client.create_run(exp_id, run_name=run_name, tags={TAG_KIND: "study", TAG_STUDY: study, **tags})
+    tags = {TAG_KIND: "study", TAG_STUDY: study, **{k: str(v) for k, v in tags.items()}}  # a server takes strings only
+    created = client.create_run(exp_id, run_name=run_name, tags=tags)
+    oldest = running_parents()
+    if oldest and oldest[0].info.run_id != created.info.run_id:
+        client.set_terminated(created.info.run_id, "KILLED")  # another worker's parent came first
+        client.delete_run(created.info.run_id)
+        return oldest[0].info.run_id, True
     return created.info.run_id, False
+
+
+def find_trial_run(study: str, trial_number: int) -> str | None:
+    """The RUNNING MLflow run of an Optuna trial, by its tags (for a worker that died before
+    recording the run id in the trial)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(study)
+    if exp is None:
+        return None
+    runs = mlflow.MlflowClient().search_runs(
+        [exp.experiment_id], f"tags.`{TAG_STUDY}` = '{study}' AND tags.`{TAG_TRIAL}` = '{trial_number}' AND attributes.status = 'RUNNING'",
+        max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
@@ -224,7 +259,16 @@ def log_dataset(data) -> None:
 
     folder = data.source.split(":", 1)[1]
     dataset = MetaDataset(resolve_dataset_source(folder), name="cifar10", digest=data.digest)
-    mlflow.log_input(dataset, context="training")
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            break
+        except mlflow.exceptions.MlflowException as err:
+            # Workers logging the same dataset to one experiment at once race to create its row
+            # (UNIQUE constraint on a tracking server's store); the retry finds it and links it.
+            if attempt == 2 or "unique" not in str(err).lower():
+                raise
+            time.sleep(0.2 + attempt)
     mlflow.set_tags({"bench.data_digest": data.digest, "bench.data_source": data.source})
 
 

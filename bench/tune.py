@@ -8,6 +8,7 @@ A trial interrupted by Ctrl-C is marked failed and its configuration is queued t
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,7 +61,8 @@ class TuneOptions:
 
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     """An Optuna storage: a journal file under mlruns/ by default (safe for several local processes),
-    or any storage URL (sqlite:///..., postgresql://...)."""
+    or any storage URL (sqlite:///..., postgresql://...). RDB storages get Optuna's heartbeat: a
+    trial whose worker stops beating for ``3 * HEARTBEAT_SECONDS`` is failed and re-queued."""
     try:
         if url is None or url.endswith(".journal"):
             path = Path(url or DEFAULT_STORAGE_FILE)
@@ -67,10 +70,37 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
             return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
-                                          failed_trial_callback=on_stale_trial)
+        callback = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in inspect.signature(optuna.storages.RDBStorage).parameters
+                    else "failed_trial_callback")  # renamed in Optuna 4.9
+        for attempt in range(5):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
+                    return optuna.storages.RDBStorage(rdb_url(url), heartbeat_interval=HEARTBEAT_SECONDS,
+                                                      grace_period=3 * HEARTBEAT_SECONDS, **{callback: on_stale_trial})
+            except Exception as err:
+                # Workers starting at once on an empty database race to create Optuna's tables
+                # (IntegrityError, ProgrammingError); the loser finds them on a second try.
+                if attempt == 4 or type(err).__name__ not in ("IntegrityError", "ProgrammingError"):
+                    raise
+                time.sleep(0.5 + attempt)
+    except ImportError:
+        raise TrackingError(f"Optuna storage {tracking.mask_url(str(url))} needs its database driver; for PostgreSQL: pip install 'bench[postgres]'") from None
     except Exception as err:
         raise TrackingError(f"Optuna storage {tracking.mask_url(str(url))} cannot be opened ({type(err).__name__}); check the URL or start the database") from None
+
+
+def rdb_url(url: str) -> str:
+    """SQLAlchemy 2.1 maps ``postgresql://`` to psycopg 3; use psycopg2 when only it is installed
+    (``bench[postgres]``). ``postgres://`` is accepted as ``postgresql://``."""
+    scheme, _, rest = url.partition("://")
+    if scheme in ("postgres", "postgresql"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return f"postgresql+psycopg2://{rest}"
+        return f"postgresql://{rest}"
+    return url
 
 
 def create_sampler(exp: Experiment, seed: int) -> optuna.samplers.BaseSampler:
@@ -107,6 +137,22 @@ def finished(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "diverged" in trial.user_attrs
 
 
+def counted(trial: FrozenTrial) -> bool:
+    """Finished, or running (it will finish, or be failed and re-queued if its worker dies)."""
+    return finished(trial) or trial.state == TrialState.RUNNING
+
+
+class SurplusTrial(BenchError):
+    """A worker created a trial after the others had already filled the study's total."""
+
+
+def surplus(trial: optuna.Trial, target: int) -> bool:
+    """Whether the trials numbered before ``trial`` (trial numbers are assigned atomically by the
+    storage) already fill the study's total: then two workers raced past StopAtTarget."""
+    before = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+    return sum(counted(t) for t in before) >= target
+
+
 def feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("rejected")]
 
@@ -117,7 +163,7 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     retried = {t.user_attrs.get("retry_of") for t in trials}
     queued = []
     for t in trials:
-        if t.state == TrialState.FAIL and "diverged" not in t.user_attrs and t.number not in retried:
+        if t.state == TrialState.FAIL and not {"diverged", "surplus"} & t.user_attrs.keys() and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
             queued.append(t.number)
     return queued
@@ -127,11 +173,17 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
 
 
 class Objective:
-    def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int, parent_id: str | None):
+    def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int, parent_id: str | None,
+                 target: int | None = None):
         self.exp, self.study_name, self.data, self.rt, self.console = exp, study_name, data, rt, console
-        self.epochs, self.parent_id = epochs, parent_id
+        self.epochs, self.parent_id, self.target = epochs, parent_id, target
 
     def __call__(self, trial: optuna.Trial) -> float:
+        if self.target is not None and surplus(trial, self.target):  # no params sampled, no MLflow run
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            self.console.print(f"trial {trial.number:>3}  not run: other workers filled the study's {self.target} trials")
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.target}")
         exp = suggest(trial, self.exp)
         exp.train.epochs = self.epochs
         if exp.tune.train_subset and not exp.train.train_subset:
@@ -263,7 +315,8 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         return study
     data = load_data(exp, opts.data_dir, opts.download)
     rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device())
-    parent_id, joined = os.environ.get("BENCH_PARENT_RUN_ID"), True
+    parent_id = os.environ.get("BENCH_PARENT_RUN_ID")  # set by `--jobs K` for its workers
+    joined = bool(parent_id)
     if not parent_id:
         parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
             tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
@@ -272,13 +325,23 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     if not joined:
         tracking.log_to_run(parent_id, params={**{f"space.{k}": _describe(v) for k, v in exp.search.items()},
                                                "trials_target": target, "seed": opts.seed})
-    objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id)
+    if os.environ.get("BENCH_WORKER_INDEX"):  # one of `--jobs K` workers: its own seed, not its siblings' draws
+        study.sampler = create_sampler(exp, opts.seed + int(os.environ["BENCH_WORKER_INDEX"]))
+    elif joined:  # another worker is on this study: the same seed would replay its random draws
+        study.sampler.reseed_rng()
+    objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target)
     status = "FINISHED"
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     start = time.time()
+    deadline = start + opts.timeout if opts.timeout else None
     try:
-        study.optimize(objective, n_trials=target - done, timeout=opts.timeout, catch=(DivergedError,),
-                       callbacks=[StopAtTarget(target)])
+        to_run = target - done
+        while to_run > 0:
+            study.optimize(objective, n_trials=to_run, timeout=deadline - time.time() if deadline else None,
+                           catch=(DivergedError, SurplusTrial), callbacks=[StopAtTarget(target)])
+            if deadline and time.time() >= deadline:
+                break
+            to_run = wait_for_others(study, target, console)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -292,7 +355,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     finally:
         signal.signal(signal.SIGTERM, previous)
         if not os.environ.get("BENCH_PARENT_RUN_ID"):
-            finish_parent(study, parent_id, status, time.time() - start)
+            finish_parent(study, parent_id, status, time.time() - start, console)
     console.print(best_table(study))
     console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
     return study
@@ -310,15 +373,55 @@ class StopAtTarget:
             study.stop()
 
 
-def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float) -> None:
-    """Summarise the study on its parent run; the last worker out closes it."""
+def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
+    """After this worker's share, wait while other workers' trials run, so that a trial whose
+    worker dies is re-run here: the heartbeat (RDB storages) or, without one, the missing process
+    on this host fails it and re-queues its configuration. Returns how many trials to run next
+    (0: the study has its total)."""
+    announced = False
+    while True:
+        if heartbeat_enabled(study):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # runs on_stale_trial for each
+        else:
+            fail_dead_local_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        missing = target - sum(finished(t) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if missing <= 0:
+            return 0
+        if running < missing:
+            return missing - running
+        if not announced:
+            console.print(f"waiting for {running} running trial(s) of other workers (a dead worker's trial is re-run here)")
+            announced = True
+        time.sleep(HEARTBEAT_SECONDS)
+
+
+def heartbeat_enabled(study: optuna.Study) -> bool:
+    interval = getattr(study._storage, "get_heartbeat_interval", None)
+    return bool(interval and interval())
+
+
+def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float, console: Console | None = None) -> None:
+    """Summarise the study on its parent run; the last worker out closes it. Runs while an error
+    may be propagating, so a failure here is reported in one line, never raised over it."""
+    console = console or Console(stderr=True)
     try:
         others_running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    except Exception as err:  # the storage is gone: the parent stays as it was, the trials are safe in Optuna
+        console.print(f"warning: study storage unreachable, parent run {parent_id} not summarised ({type(err).__name__})")
+        return
+    try:
         summarise_to_parent(study, parent_id, seconds, final=not others_running)
-        if not others_running:
+    except Exception as err:  # the tracking store is gone, or another worker logged the summary first
+        console.print(f"warning: parent run {parent_id} not summarised: {type(err).__name__}: {tracking.mask_url(str(err))[:200]}")
+    if not others_running:
+        try:
             tracking.close_run(parent_id, status)
-    except Exception:  # the store is gone: the parent stays as it was, the trials are safe in Optuna
-        pass
+        except Exception as err:
+            console.print(f"warning: parent run {parent_id} left open: {type(err).__name__}: {tracking.mask_url(str(err))[:200]}")
 
 
 def worker_id() -> str:
@@ -334,22 +437,35 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)):
-            mark_dead_trial(study, t, f"worker {worker} died")
+        if worker_host == host and pid.isdigit() and not _alive(int(pid)) and mark_dead_trial(study, t, f"worker {worker} died"):
+            requeue(study, t, "process gone")
             recovered.append(t.number)
     return recovered
 
 
-def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial whose worker is gone and end its MLflow run FAILED. False when another
+    process got there first (then it re-queues the trial, not this one)."""
     storage = study._storage
     if trial.state == TrialState.RUNNING:
-        storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-    if trial.user_attrs.get("mlflow_run_id"):
         try:
-            tracking.close_run(trial.user_attrs["mlflow_run_id"], "FAILED", error=reason)
-        except Exception:
-            pass
+            storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            return False
+    try:
+        run_id = trial.user_attrs.get("mlflow_run_id") or tracking.find_trial_run(study.study_name, trial.number)
+        if run_id:
+            tracking.close_run(run_id, "FAILED", error=reason)
+    except Exception:
+        pass
+    return True
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
+    """Queue a dead trial's configuration again; the retry records who noticed, how and when."""
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason,
+                                                  "requeued_by": worker_id(), "requeued_at": time.time()}, skip_if_exists=False)
 
 
 def _alive(pid: int) -> bool:
@@ -365,8 +481,8 @@ def _alive(pid: int) -> bool:
 def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
     """Optuna's heartbeat check failed a trial whose worker stopped beating: end its MLflow run and
     queue its configuration, so a surviving worker runs it again."""
-    mark_dead_trial(study, trial, "worker stopped sending heartbeats (killed or lost)")
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+    mark_dead_trial(study, trial, "worker stopped sending heartbeats (killed or lost)")  # already FAIL: Optuna failed it
+    requeue(study, trial, "heartbeat stale")
 
 
 # ---------------------------------------------------------------- several local workers
@@ -380,38 +496,63 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
         raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
     tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
+    done = sum(finished(t) for t in study.get_trials(deepcopy=False))
+    target = done + (opts.trials or exp.tune.trials) if opts.more else (opts.trials or exp.tune.trials)
     parent_id, _ = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage), "bench.jobs": jobs})
     threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // jobs)
-    cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--jobs", "1", "--threads", str(threads)]
-    console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}'")
-    env = {**os.environ, "BENCH_PARENT_RUN_ID": parent_id}
+    # The total is fixed here: with --more, workers starting at different moments would each add N.
+    cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]
+    console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished)")
     start, status = time.time(), "FINISHED"
-    workers = [subprocess.Popen(cmd, env=env) for _ in range(jobs)]
+    workers = [subprocess.Popen(cmd, env={**os.environ, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)})
+               for i in range(jobs)]
+
+    def forward_sigterm(signum, frame):  # SIGINT from a terminal reaches the workers by itself; SIGTERM does not
+        for w in workers:
+            if w.poll() is None:
+                w.send_signal(signal.SIGTERM)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         codes = [w.wait() for w in workers]
-    except KeyboardInterrupt:  # the workers got the same SIGINT; let them mark their trials
+    except KeyboardInterrupt:  # the workers got the same signal; let them mark their trials
         codes, status = [w.wait() for w in workers], "KILLED"
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
+    done = sum(finished(t) for t in study.get_trials(deepcopy=False))
     if status == "FINISHED" and any(codes):
-        status = "FAILED"
-    finish_parent(study, parent_id, status, time.time() - start)
+        if done < target:
+            status = "FAILED"
+        else:
+            console.print(f"worker exit codes {codes}: the others re-ran what the failed worker left; the study has its {target} trials")
+    finish_parent(study, parent_id, status, time.time() - start, console)
     if status == "KILLED":
         raise KeyboardInterrupt
     console.print(best_table(study))
     if status == "FAILED":
-        raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); finished trials are kept, re-run to resume")
+        raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); {done} of {target} trials finished"
+                            + (f", dead workers' trial(s) {recovered} re-queued" if recovered else "") + "; re-run the same command to resume")
+
+
+VALUE_OPTIONS = ("--jobs", "--threads", "--norm", "--trials")  # set by run_workers for each worker
+FLAG_OPTIONS = ("--more",)
 
 
 def worker_argv(argv: list[str], norm: str) -> list[str]:
-    """The user's ``bench tune`` arguments for one worker: this norm, without --jobs/--threads."""
+    """The user's ``bench tune`` arguments for one worker: this norm, without --jobs/--threads/--trials/--more."""
     out, skip = [], False
-    for i, arg in enumerate(argv):
+    for arg in argv:
         if skip:
             skip = False
             continue
         name = arg.split("=", 1)[0]
-        if name in ("--jobs", "--threads", "--norm"):
+        if name in VALUE_OPTIONS:
             skip = "=" not in arg
+            continue
+        if name in FLAG_OPTIONS:
             continue
         out.append(arg)
     return [*out, "--norm", norm]
@@ -429,7 +570,7 @@ def study_counts(study: optuna.Study) -> dict[str, int]:
         "trials_complete": sum(t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected") for t in trials),
         "trials_rejected": sum(bool(t.user_attrs.get("rejected")) for t in trials),
         "trials_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-        "trials_failed": sum(t.state == TrialState.FAIL for t in trials),
+        "trials_failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("surplus") for t in trials),
     }
 
 
@@ -460,7 +601,9 @@ def study_plots(study: optuna.Study) -> dict[str, str]:
     html = {}
     for name, plot in plots.items():
         try:
-            html[f"study/{name}.html"] = plot(study).to_html(include_plotlyjs=True)
+            with warnings.catch_warnings():  # e.g. "importances will be equal" on a few tiny trials
+                warnings.simplefilter("ignore", UserWarning)
+                html[f"study/{name}.html"] = plot(study).to_html(include_plotlyjs=True)
         except (ValueError, RuntimeError, ZeroDivisionError):  # e.g. importances need >= 2 complete trials
             continue
     return html
