@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -22,7 +23,7 @@ def experiment_options(f):
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
         click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
-        click.option("--preset", help="Model preset: seed_bn, seed_gn."),
+        click.option("--preset", help="Model preset: seed_bn, seed_gn, resnet."),
         click.option("--width", type=float, help="Width multiplier on the preset's channels."),
         click.option("--groups", type=int, help="GroupNorm groups."),
         click.option("--dropout", type=float),
@@ -94,16 +95,11 @@ def summary(experiment_file, norm, assignments, **values):
     from .models import count_params, create_model, make_summary
 
     exp = load_experiment(experiment_file, norm, assignments, **values)
-    model = create_model(**model_kwargs(exp))
+    model = create_model(**dataclasses.asdict(exp.model))
     console.print(make_summary(model))
     n, budget = count_params(model), exp.budget.max_params
     verdict = "[green]within[/]" if n <= budget else "[red]OVER[/]"
     console.print(f"{exp.model.preset} norm={exp.model.norm}: {n:,} parameters, {verdict} the budget of {budget:,}")
-
-
-def model_kwargs(exp: config_mod.Experiment) -> dict:
-    m = exp.model
-    return {"preset": m.preset, "norm": m.norm, "dropout": m.dropout, "width": m.width, "groups": m.groups}
 
 
 @cli.command()

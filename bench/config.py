@@ -22,8 +22,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRUNERS = ("median", "halving", "none")
-
-
+DROPOUT_AT = ("head", "blocks")  # resnet: dropout before the classifier, or between each block's two convs
 
 
 @dataclass
@@ -33,6 +32,13 @@ class ModelConfig:
     dropout: float = 0.05
     width: float = 1.0  # multiplier on the preset's channel widths
     groups: int = 4  # GroupNorm groups (norm = "gn")
+    # Residual presets only (seed presets ignore them); ``width`` scales these too.
+    stem: int = 0  # stem conv width; 0 = width1
+    width1: int = 16  # stage widths; stages 2 and 3 halve the resolution
+    width2: int = 32
+    width3: int = 40
+    blocks: int = 1  # basic blocks per stage
+    dropout_at: str = "head"
 
 
 @dataclass
@@ -55,6 +61,8 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     channels_last: str = "auto"  # auto | on | off
     eval_batch_size: int = 1000
+    ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation; 0 = off
+    tta_flip: bool = False  # evaluate on the mean logits of each image and its horizontal flip
 
 
 @dataclass
@@ -107,6 +115,7 @@ CHOICES = {
     "precision": PRECISIONS,
     "channels_last": ("auto", "on", "off"),
     "pruner": PRUNERS,
+    "dropout_at": DROPOUT_AT,
 }
 
 
@@ -250,12 +259,15 @@ def validate(exp: Experiment) -> None:
         ("dropout", 0.0 <= m.dropout < 1.0, "must be in [0, 1)"),
         ("width", m.width > 0, "must be > 0"),
         ("groups", m.groups >= 1, "must be >= 1"),
+        ("stem", m.stem >= 0, "must be >= 0 (0 = width1)"),
+        *((name, getattr(m, name) >= 1, "must be >= 1") for name in ("width1", "width2", "width3", "blocks")),
         ("epochs", t.epochs >= 1, "must be >= 1"),
         ("batch_size", t.batch_size >= 1, "must be >= 1"),
         ("lr", t.lr > 0, "must be > 0"),
         ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
         ("momentum", 0 <= t.momentum < 1, "must be in [0, 1)"),
         ("label_smoothing", 0 <= t.label_smoothing < 1, "must be in [0, 1)"),
+        ("ema", 0 <= t.ema < 1, "must be in [0, 1) (0 = off, e.g. 0.99)"),
         ("crop_padding", t.crop_padding >= 0, "must be >= 0"),
         ("cutout", 0 <= t.cutout <= 32, "must be in [0, 32]"),
         ("val_size", 0 <= t.val_size < 50_000, "must be in [0, 50000)"),

@@ -1,9 +1,15 @@
-"""One CNN family parameterised by norm, widths and dropout; presets that reproduce the seed models.
+"""Small CIFAR-10 CNNs: presets that reproduce the seed models, and a residual family.
 
 The seed topology (both seed READMEs) is three stages of 3x3 convolutions, each conv followed by
 ReLU, then the norm, then dropout (the seeds put ReLU before the norm); stages 1 and 2 end in a 1x1
 "transition" conv and a 2x2 max-pool; global average pool and a 1x1 conv classify. No conv has a
 bias. Padding is fixed by the topology: stage 1 (0, 0), stage 2 (1, 0, 1), stage 3 (1, 1, 1).
+
+The residual family (preset ``resnet``) is a post-activation CIFAR ResNet (He et al. 2016): a 3x3
+stem conv-norm-ReLU, three stages of basic blocks (conv-norm-ReLU-conv-norm, plus the shortcut,
+then ReLU), stride 2 at the start of stages 2 and 3 with a 1x1 conv-norm projection shortcut wherever
+channels or resolution change, global average pooling, dropout and a linear classifier. Its shape
+comes from the flat ``ModelConfig`` fields ``stem``, ``width1..3``, ``blocks`` and ``dropout_at``.
 """
 
 from __future__ import annotations
@@ -15,11 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import NORMS
-
+from .config import DROPOUT_AT, NORMS, ModelConfig
 from .errors import BudgetError
-
-
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ PRESETS = {
     # shared/seeds/001: the "GroupNorm" CNN that uses LayerNorm over (C,H,W), 47,236 parameters
     "seed_gn": SeedTopology(stages=((4, 8), (10, 16, 16), (16, 16, 16)), transitions=(4, 10), default_norm="lnchw"),
 }
+RESIDUAL_PRESETS = ("resnet",)  # shape from the ModelConfig fields; the defaults give 16/32/40, one block per stage
+ALL_PRESETS = (*PRESETS, *RESIDUAL_PRESETS)
 
 
 def random_bits_like(x: torch.Tensor) -> torch.Tensor:
@@ -116,12 +121,79 @@ class SeedNet(nn.Module):
         return self.layers(x).flatten(1)
 
 
+def conv_norm(in_ch: int, out_ch: int, kernel: int, stride: int, norm: str, groups: int) -> list[nn.Module]:
+    # The side passed to make_norm only matters for lnchw, which residual models refuse.
+    return [nn.Conv2d(in_ch, out_ch, kernel, stride, padding=kernel // 2, bias=False), make_norm(norm, out_ch, 0, groups)]
+
+
+class BasicBlock(nn.Module):
+    """Post-activation basic block: ReLU(norm(conv(ReLU(norm(conv(x))))) + shortcut(x)).
+    ``dropout`` > 0 puts dropout between the two convs, as in Wide ResNets."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int, norm: str, groups: int, dropout: float = 0.0):
+        super().__init__()
+        self.residual = nn.Sequential(
+            *conv_norm(in_ch, out_ch, 3, stride, norm, groups), nn.ReLU(), *([Dropout(dropout)] if dropout else []),
+            *conv_norm(out_ch, out_ch, 3, 1, norm, groups),
+        )
+        projected = stride != 1 or in_ch != out_ch
+        self.shortcut = nn.Sequential(*conv_norm(in_ch, out_ch, 1, stride, norm, groups)) if projected else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.residual(x) + self.shortcut(x))
+
+
+def make_stage(in_ch: int, out_ch: int, blocks: int, stride: int, norm: str, groups: int, dropout: float) -> nn.Sequential:
+    """``blocks`` basic blocks; the first one changes width and resolution."""
+    return nn.Sequential(*(
+        BasicBlock(in_ch if i == 0 else out_ch, out_ch, stride if i == 0 else 1, norm, groups, dropout) for i in range(blocks)
+    ))
+
+
+class ResNet(nn.Module):
+    def __init__(self, stem: int, widths: tuple[int, ...], blocks: int, norm: str, groups: int = 4,
+                 dropout: float = 0.0, dropout_at: str = "head"):
+        super().__init__()
+        block_dropout = dropout if dropout_at == "blocks" else 0.0
+        self.stem = nn.Sequential(*conv_norm(3, stem, 3, 1, norm, groups), nn.ReLU())
+        self.stages = nn.Sequential(*(
+            make_stage(in_ch, out_ch, blocks, 1 if i == 0 else 2, norm, groups, block_dropout)
+            for i, (in_ch, out_ch) in enumerate(zip((stem, *widths), widths))
+        ))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = Dropout(dropout if dropout_at == "head" else 0.0)
+        self.classifier = nn.Linear(widths[-1], NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(self.pool(self.stages(self.stem(x))).flatten(1)))
+
+
+def create_resnet(cfg: ModelConfig) -> ResNet:
+    """The ``resnet`` preset from the flat config fields; ``width`` scales the stem and every stage."""
+    if cfg.norm == "lnchw":
+        raise BudgetError("norm 'lnchw' (per-position LayerNorm) exists only for the seed presets; use ln for residual models")
+    if cfg.dropout_at not in DROPOUT_AT:
+        raise BudgetError(f"dropout_at {cfg.dropout_at!r} is not one of {', '.join(DROPOUT_AT)}")
+    multiple = cfg.groups if cfg.norm == "gn" else 1
+    widths = tuple(scale_width(w, cfg.width, multiple) for w in (cfg.width1, cfg.width2, cfg.width3))
+    stem = scale_width(cfg.stem, cfg.width, multiple) if cfg.stem else widths[0]
+    return ResNet(stem, widths, cfg.blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at)
+
+
 def create_model(
-    preset: str = "seed_bn", norm: str | None = None, dropout: float = 0.05, width: float = 1.0, groups: int = 4
+    preset: str = "seed_bn", norm: str | None = None, dropout: float = 0.05, width: float = 1.0, groups: int = 4, **arch
 ) -> nn.Module:
-    """Build a model from a named preset; ``norm`` defaults to the preset's own."""
+    """Build a model from a named preset; ``norm`` defaults to the preset's own (``bn`` for resnet).
+
+    ``arch`` takes the residual fields of ``ModelConfig`` (stem, width1..3, blocks, dropout_at), so
+    ``create_model(**dataclasses.asdict(model_config))`` works for every preset; seed presets ignore them.
+    """
+    cfg = ModelConfig(preset=preset, dropout=dropout, width=width, groups=groups, **arch)  # unknown field: TypeError
+    if preset in RESIDUAL_PRESETS:
+        cfg.norm = norm or "bn"
+        return create_resnet(cfg)
     if preset not in PRESETS:
-        raise BudgetError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        raise BudgetError(f"unknown preset {preset!r}; choose one of {', '.join(ALL_PRESETS)}")
     topology = PRESETS[preset]
     return SeedNet(topology, norm or topology.default_norm, dropout=dropout, width=width, groups=groups)
 
@@ -139,7 +211,8 @@ def count_params_fast(**model_kwargs) -> int:
 def check_budget(n_params: int, max_params: int) -> None:
     if n_params > max_params:
         raise BudgetError(
-            f"model has {n_params:,} parameters, over the budget of {max_params:,}; lower width or change the preset"
+            f"model has {n_params:,} parameters, over the budget of {max_params:,}; "
+            "lower width (resnet: width1..3 or blocks) or change the preset"
         )
 
 

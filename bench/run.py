@@ -95,7 +95,8 @@ def train_tracked(
             "final_val_acc": result.history[-1]["val_acc"], "total_seconds": result.seconds,
             "mean_epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / len(result.history),
         })
-        tracking.log_predictions(predict(model, data.test, rt, exp.train.eval_batch_size).argmax(1), data.test)
+        test_logits = predict(model, data.test, rt, exp.train.eval_batch_size, exp.train.tta_flip)
+        tracking.log_predictions(test_logits.argmax(1), data.test)
         tracking.log_model(model, registered_name)
     return model, result
 

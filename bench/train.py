@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from .config import TrainConfig
 from .data import CIFAR10, Split, eval_batches, train_batches
@@ -100,6 +101,14 @@ def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_s
     return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
 
 
+def create_ema(model: nn.Module, decay: float) -> AveragedModel | None:
+    """An exponential moving average of ``model``'s weights, or None when ``decay`` is 0. Buffers are
+    averaged too (``use_buffers``), so BatchNorm statistics match the averaged weights."""
+    if not decay:
+        return None
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def train_one_epoch(
     model: nn.Module,
     split: Split,
@@ -109,8 +118,10 @@ def train_one_epoch(
     rt: Runtime,
     generator: torch.Generator,
     on_step: Callable[[int, float, float], None] | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``split``; returns (mean loss, accuracy). Raises DivergedError on NaN/inf loss."""
+    """One pass over ``split``; returns (mean loss, accuracy). Raises DivergedError on NaN/inf loss.
+    ``ema``, if given, is updated after every optimiser step."""
     model.train()
     total_loss = torch.zeros((), device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -127,6 +138,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
         seen += len(y)
@@ -145,21 +158,25 @@ def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Op
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000) -> torch.Tensor:
-    """Logits (float32, on CPU) for every image of ``split``."""
+def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (float32, on CPU) for every image of ``split``; with ``tta_flip``, the mean of the
+    logits of each image and its horizontal flip."""
     model.eval()
     out = []
     for x, _ in eval_batches(split, batch_size, rt.device, memory_format=rt.memory_format):
         with rt.autocast:
-            out.append(model(x).float().cpu())
+            logits = model(x).float()
+            if tta_flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
-def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000, tta_flip: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on ``split``."""
     if len(split) == 0:
         return math.nan, math.nan
-    logits = predict(model, split, rt, batch_size)
+    logits = predict(model, split, rt, batch_size, tta_flip)
     loss = F.cross_entropy(logits, split.labels).item()
     acc = (logits.argmax(1) == split.labels).float().mean().item()
     return loss, acc
@@ -177,7 +194,10 @@ def fit(
     on_step: Callable[[int, float, float], None] | None = None,
 ) -> Result:
     """Train ``model`` for ``cfg.epochs``, evaluating on the validation split each epoch and on the
-    test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning)."""
+    test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning).
+
+    With ``cfg.ema`` every evaluation uses the weight average, and ``model`` ends holding it, so
+    what the caller saves, logs and predicts with is what was evaluated."""
     rt = rt or resolve_runtime(cfg, norm="bn")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -186,15 +206,17 @@ def fit(
     optimizer = create_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     scheduler = create_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    ema = create_ema(model, cfg.ema)
+    eval_model = ema.module if ema is not None else model
     result = Result()
     start = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step)
+        train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(model, data.val, rt, cfg.eval_batch_size)
+        val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip)
         record = {
             "train_loss": train_loss,
             "train_acc": train_acc,
@@ -208,6 +230,8 @@ def fit(
         result.history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
-    result.test_loss, result.test_acc = evaluate(model, data.test, rt, cfg.eval_batch_size)
+    if ema is not None:
+        model.load_state_dict(ema.module.state_dict())
+    result.test_loss, result.test_acc = evaluate(model, data.test, rt, cfg.eval_batch_size, cfg.tta_flip)
     result.seconds = time.perf_counter() - start
     return result

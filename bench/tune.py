@@ -243,7 +243,7 @@ class Objective:
         trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("model_uri", mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri"))
         if value > best_before:
-            version = tracking.register(trial.user_attrs["model_uri"], registry_name(exp.model.norm),
+            version = tracking.register(trial.user_attrs["model_uri"], registry_name(self.study_name),
                                         tags={"study": self.study_name, "trial": str(trial.number), "val_acc": f"{value:.4f}"})
             trial.set_user_attr("registered_version", version)
             mlflow.set_tag("bench.registered_version", version)
@@ -258,8 +258,10 @@ class Objective:
         )
 
 
-def registry_name(norm: str) -> str:
-    return f"cifar10-{norm}"
+def registry_name(study: str) -> str:
+    """``cifar10-bn`` for the default study of a norm; a study of another experiment (``resnet_gn``)
+    gets its own name, so ``models:/cifar10-gn/latest`` never turns into a different architecture."""
+    return f"cifar10-{study}"
 
 
 # ---------------------------------------------------------------- running a study

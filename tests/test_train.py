@@ -14,6 +14,7 @@ from bench.data import CIFAR10, Split
 from bench.errors import DivergedError
 from bench.models import create_model
 from bench.train import (
+    create_ema,
     create_optimizer,
     create_scheduler,
     evaluate,
@@ -254,3 +255,78 @@ def test_schedules(schedule):
         assert lrs[0] == pytest.approx(0.1) and lrs[50] == pytest.approx(0.05, rel=0.05) and lrs[-1] < 1e-3
     else:
         assert lrs == [pytest.approx(0.1)] * 100
+
+
+# ---------------------------------------------------------------- recipe options: EMA and flip TTA
+
+
+def test_ema_update_is_the_documented_average():
+    model = nn.Linear(3, 1)
+    ema = create_ema(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)  # the first update copies, the second averages
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, model.weight)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    assert torch.allclose(ema.module.weight, start + 1.0 + 0.1)
+    assert create_ema(model, 0.0) is None
+
+
+@pytest.fixture(scope="module")
+def ema_runs(small_cifar):
+    """The residual BN model for one epoch on 1,024 real images, with and without an EMA of its weights."""
+    data = tiny(small_cifar, n_train=1024, n_val=300, n_test=300)
+    runs = {}
+    for decay in (0.0, 0.9):
+        config = cfg(batch_size=32, ema=decay, precision="fp32")
+        rt = resolve_runtime(config, "bn")
+        model = new_model(preset="resnet")
+        runs[decay] = (model, fit(model, data, config, rt), rt)
+    return data, runs
+
+
+def test_ema_changes_the_evaluated_weights_and_still_trains(ema_runs):
+    data, runs = ema_runs
+    (plain, plain_result, rt), (averaged, ema_result, _) = runs[0.0], runs[0.9]
+    # Same training trajectory (the average does not feed back), different evaluated weights.
+    assert ema_result.history[0]["train_loss"] == plain_result.history[0]["train_loss"]
+    assert ema_result.history[0]["val_loss"] != plain_result.history[0]["val_loss"]
+    assert ema_result.history[0]["val_loss"] < math.log(10) - 0.1
+    assert ema_result.test_acc > 0.15
+    # The model handed back holds the average, BatchNorm statistics included: it is what was evaluated.
+    assert evaluate(averaged, data.val, rt) == pytest.approx((ema_result.history[0]["val_loss"], ema_result.history[0]["val_acc"]))
+    assert evaluate(averaged, data.test, rt) == pytest.approx((ema_result.test_loss, ema_result.test_acc))
+    bn_plain, bn_ema = plain.stem[1], averaged.stem[1]
+    assert not torch.equal(bn_plain.running_mean, bn_ema.running_mean)
+    assert not torch.equal(plain.classifier.weight, averaged.classifier.weight)
+
+
+def test_tta_flip_averages_the_image_and_its_mirror():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    split = Split(images, torch.arange(40) % 10)
+    mirrored = Split(images.flip(3), split.labels)
+    model = new_model(preset="resnet", width1=8, width2=8, width3=8)
+    rt = resolve_runtime(cfg(precision="fp32"), "bn", torch.device("cpu"))
+    plain = predict(model, split, rt, batch_size=16)
+    tta = predict(model, split, rt, batch_size=16, tta_flip=True)
+    assert torch.allclose(tta, (plain + predict(model, mirrored, rt, batch_size=16)) / 2, atol=1e-6)
+    assert not torch.allclose(tta, plain)
+    loss, acc = evaluate(model, split, rt, batch_size=16, tta_flip=True)
+    assert loss == pytest.approx(nn.functional.cross_entropy(tta, split.labels).item(), rel=1e-5)
+    assert acc == pytest.approx((tta.argmax(1) == split.labels).float().mean().item())
+
+
+def test_fit_evaluates_with_tta_flip_when_asked(small_cifar):
+    data = tiny(small_cifar, n_train=640, n_val=200, n_test=200)
+    config = cfg(batch_size=32, tta_flip=True, precision="fp32")
+    rt = resolve_runtime(config, "bn")
+    model = new_model()
+    result = fit(model, data, config, rt)
+    assert result.history[0]["val_loss"] == pytest.approx(evaluate(model, data.val, rt, tta_flip=True)[0])
+    assert result.test_loss == pytest.approx(evaluate(model, data.test, rt, tta_flip=True)[0])
+    assert result.test_loss != pytest.approx(evaluate(model, data.test, rt)[0], rel=1e-4)
