@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import sys
-from pathlib import Path
 
 import click
 from rich.console import Console

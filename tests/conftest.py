@@ -43,12 +43,17 @@ def _skip_or_fail(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def cifar_dir() -> Path:
+def require_data_dir() -> Path:
+    """The real CIFAR-10 folder; skips the test without it (fails it under BENCH_REQUIRE_DATA=1)."""
     path = real_data_dir()
     if path is None:
         _skip_or_fail("real CIFAR-10 not found: set BENCH_DATA_DIR or place it in ../shared/data/cifar10")
     return path
+
+
+@pytest.fixture(scope="session")
+def cifar_dir() -> Path:
+    return require_data_dir()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ seeded validation split, augmentation and normalisation."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 

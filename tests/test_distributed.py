@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from bench import tracking
 from bench.tune import open_storage
+from conftest import require_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("BENCH_TEST_POSTGRES_URL")
@@ -38,12 +39,7 @@ TINY = ["--set", "train_subset=300", "--set", "val_size=200", "--set", "eval_bat
 
 
 def data_dir() -> str:
-    for candidate in (os.environ.get("BENCH_DATA_DIR"), "/work/shared/data/cifar10", REPO.parent / "shared/data/cifar10"):
-        if candidate and (Path(candidate) / "data_batch_1.bin").exists():
-            return str(candidate)
-    if os.environ.get("BENCH_REQUIRE_DATA") == "1":
-        pytest.fail("real CIFAR-10 not found; set BENCH_DATA_DIR")
-    pytest.skip("real CIFAR-10 not found; set BENCH_DATA_DIR")
+    return str(require_data_dir())
 
 
 @pytest.fixture
@@ -265,7 +261,7 @@ def kill_record(trials, runs, killed_number, victim, survivor, killed_at) -> dic
 def test_unreachable_storage_or_tracking_server_is_one_line_with_the_password_masked(tmp_path):
     secret = "s3cret-" + uuid.uuid4().hex[:8]
     cases = {
-        "storage": (["--storage", f"postgresql://bench:{secret}@127.0.0.1:1/nope"], f"postgresql://bench:***@127.0.0.1:1/nope"),
+        "storage": (["--storage", f"postgresql://bench:{secret}@127.0.0.1:1/nope"], "postgresql://bench:***@127.0.0.1:1/nope"),
         "tracking": (["--tracking-uri", f"http://bench:{secret}@127.0.0.1:9"], "http://bench:***@127.0.0.1:9"),
     }
     procs = {key: Worker(tune_cmd("--study", study_name("down"), "--trials", "1", *args), tmp_path, key)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -17,18 +15,14 @@ from optuna.trial import TrialState
 
 from bench import config, tracking
 from bench.tune import TuneOptions, open_storage, run_study
+from conftest import require_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 2000}
 
 
 def data_dir() -> str:
-    for candidate in (os.environ.get("BENCH_DATA_DIR"), "/work/shared/data/cifar10", REPO.parent / "shared/data/cifar10"):
-        if candidate and (Path(candidate) / "data_batch_1.bin").exists():
-            return str(candidate)
-    if os.environ.get("BENCH_REQUIRE_DATA") == "1":
-        pytest.fail("real CIFAR-10 not found; set BENCH_DATA_DIR")
-    pytest.skip("real CIFAR-10 not found; set BENCH_DATA_DIR")
+    return str(require_data_dir())
 
 
 @pytest.fixture
