@@ -137,11 +137,10 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
 
     --norm all runs one study per norm (bn, gn, ln) in turn. --epochs sets epochs per trial.
     """
-    from .tune import JOBS_AUTO, TuneOptions, run_study, run_workers, worker_argv
+    from .tune import TuneOptions, auto_jobs, run_study, run_workers, worker_argv
 
     if jobs != "auto" and not jobs.isdigit() or jobs == "0":
         raise config_mod.ConfigError(f"--jobs {jobs!r}: expected a positive integer or auto")
-    n_jobs = JOBS_AUTO if jobs == "auto" else int(jobs)
 
     norms = config_mod.STUDY_NORMS if norm == "all" else (norm,)
     for one in norms:
@@ -149,8 +148,9 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
         opts = TuneOptions(trials=trials, more=more, epochs=tune_epochs or epochs, study=study if len(norms) == 1 else None,
                            storage=storage, timeout=timeout, seed=seed or 0, pruner=pruner, tracking_uri=tracking_uri,
                            data_dir=data_dir, download=download, threads=threads, device=device)
+        n_jobs = auto_jobs(opts) if jobs == "auto" else int(jobs)
         if n_jobs > 1:
-            run_workers(exp, opts, worker_argv(sys.argv[2:], one), n_jobs, console)
+            run_workers(exp, opts, worker_argv(sys.argv[2:], exp.model.norm), n_jobs, console)
         else:
             run_study(exp, opts, console)
 

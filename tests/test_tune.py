@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -144,3 +145,20 @@ def test_sigint_mid_trial_leaves_records_consistent_and_resumes(store):
     assert len(finished) == 2
     assert finished[0].user_attrs["retry_of"] == 0 and finished[0].params == study.trials[0].params
     assert not [r for r in runs_of("bn") if r.info.status == "RUNNING"]
+
+
+def test_jobs_auto_is_one_single_threaded_worker_per_core_where_workers_can_share_the_study(monkeypatch):
+    from bench.tune import auto_jobs
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    assert auto_jobs(TuneOptions(device="cpu")) == 3
+    assert auto_jobs(TuneOptions(device="cpu", threads=2)) == 2
+    assert auto_jobs(TuneOptions(device="cpu", storage="sqlite:///x.db")) == 1  # SQLite: no concurrent writers
+    assert auto_jobs(TuneOptions(device="cuda")) == 1
+
+
+def test_worker_argv_drops_what_the_launcher_sets_for_each_worker():
+    from bench.tune import worker_argv
+
+    argv = ["--norm", "all", "--jobs", "auto", "--trials=9", "--more", "--threads", "2", "--set", "lr=0.1"]
+    assert worker_argv(argv, "gn") == ["--set", "lr=0.1", "--norm", "gn"]
