@@ -60,7 +60,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU supports it
     channels_last: str = "auto"  # auto | on | off
-    eval_batch_size: int = 1000
+    eval_batch_size: int = 256  # measured: 1000 is 0.35x of 128 on CPU (activations leave the cache)
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation; 0 = off
     tta_flip: bool = False  # evaluate on the mean logits of each image and its horizontal flip
 

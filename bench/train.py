@@ -88,9 +88,11 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel per step instead of a loop over tensors: 1.13x the seed step alone (README, Speed).
+    fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, fused=fused)
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=fused)
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
@@ -158,7 +160,7 @@ def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Op
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
+def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False) -> torch.Tensor:
     """Logits (float32, on CPU) for every image of ``split``; with ``tta_flip``, the mean of the
     logits of each image and its horizontal flip."""
     model.eval()
@@ -172,7 +174,7 @@ def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000,
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
-def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 1000, tta_flip: bool = False) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on ``split``."""
     if len(split) == 0:
         return math.nan, math.nan

@@ -330,3 +330,13 @@ def test_fit_evaluates_with_tta_flip_when_asked(small_cifar):
     assert result.history[0]["val_loss"] == pytest.approx(evaluate(model, data.val, rt, tta_flip=True)[0])
     assert result.test_loss == pytest.approx(evaluate(model, data.test, rt, tta_flip=True)[0])
     assert result.test_loss != pytest.approx(evaluate(model, data.test, rt)[0], rel=1e-4)
+
+
+def test_optimizer_steps_with_one_fused_kernel_on_cpu_and_skips_decay_on_norms():
+    model = create_model("seed_bn", "bn")
+    for cfg in (TrainConfig(), TrainConfig(optimizer="adamw", lr=1e-3)):
+        optimizer = create_optimizer(model, cfg)
+        assert optimizer.defaults["fused"] is True
+        decay, no_decay = optimizer.param_groups
+        assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
+        assert all(p.ndim == 1 for p in no_decay["params"])
