@@ -20,7 +20,7 @@ from . import tracking
 from .config import Experiment
 from .data import CIFAR10, load_cifar10
 from .models import build_checked, count_params
-from .train import Result, Runtime, default_device, fit, predict, resolve_runtime, setup_threads
+from .train import Result, Runtime, default_device, fit, resolve_runtime, setup_threads
 
 
 def load_data(exp: Experiment, data_dir: str | None = None, download: bool = False) -> CIFAR10:
@@ -95,8 +95,7 @@ def train_tracked(
             "final_val_acc": result.history[-1]["val_acc"], "total_seconds": result.seconds,
             "mean_epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / len(result.history),
         })
-        test_logits = predict(model, data.test, rt, exp.train.eval_batch_size, exp.train.tta_flip)
-        tracking.log_predictions(test_logits.argmax(1), data.test)
+        tracking.log_predictions(result.test_predictions, data.test)  # the pass that gave test_acc
         tracking.log_model(model, registered_name)
     return model, result
 

@@ -48,6 +48,7 @@ class Result:
     history: list[dict[str, float]] = field(default_factory=list)
     test_loss: float = math.nan
     test_acc: float = math.nan
+    test_predictions: torch.Tensor | None = None  # predicted class per test image, for the tracked record
     seconds: float = 0.0
 
     @property
@@ -178,10 +179,14 @@ def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256,
     """(mean cross-entropy, accuracy) on ``split``."""
     if len(split) == 0:
         return math.nan, math.nan
-    logits = predict(model, split, rt, batch_size, tta_flip)
-    loss = F.cross_entropy(logits, split.labels).item()
-    acc = (logits.argmax(1) == split.labels).float().mean().item()
-    return loss, acc
+    return score(predict(model, split, rt, batch_size, tta_flip), split.labels)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``logits`` against ``labels``; NaN for no images."""
+    if len(labels) == 0:
+        return math.nan, math.nan
+    return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
 EpochCallback = Callable[[int, dict[str, float]], Any]
@@ -234,6 +239,8 @@ def fit(
             on_epoch(epoch, record)
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
-    result.test_loss, result.test_acc = evaluate(model, data.test, rt, cfg.eval_batch_size, cfg.tta_flip)
+    test_logits = predict(model, data.test, rt, cfg.eval_batch_size, cfg.tta_flip)
+    result.test_loss, result.test_acc = score(test_logits, data.test.labels)
+    result.test_predictions = test_logits.argmax(1)
     result.seconds = time.perf_counter() - start
     return result
