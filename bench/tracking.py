@@ -218,8 +218,6 @@ def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -
 def log_to_run(run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,
                tags: dict[str, Any] | None = None, texts: dict[str, str] | None = None) -> None:
     """Log to a run that is not the active one (a parent shared by several workers)."""
-    import time
-
     import mlflow
     from mlflow.entities import Metric, Param, RunTag
 

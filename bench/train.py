@@ -176,9 +176,7 @@ def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, 
 
 
 def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) on ``split``."""
-    if len(split) == 0:
-        return math.nan, math.nan
+    """(mean cross-entropy, accuracy) on ``split``; NaN for an empty split."""
     return score(predict(model, split, rt, batch_size, tta_flip), split.labels)
 
 

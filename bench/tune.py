@@ -136,6 +136,16 @@ def finished(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "diverged" in trial.user_attrs
 
 
+def finished_count(study: optuna.Study) -> int:
+    return sum(finished(t) for t in study.get_trials(deepcopy=False))
+
+
+def study_target(study: optuna.Study, exp: Experiment, opts: TuneOptions) -> tuple[int, int]:
+    """(finished trials, the study's total): ``--trials N`` is the total, or N more with ``--more``."""
+    done, n = finished_count(study), opts.trials or exp.tune.trials
+    return done, done + n if opts.more else n
+
+
 def counted(trial: FrozenTrial) -> bool:
     """Finished, or running (it will finish, or be failed and re-queued if its worker dies)."""
     return finished(trial) or trial.state == TrialState.RUNNING
@@ -298,14 +308,13 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     study's total and its MLflow parent run.
     """
     console = console or Console()
-    total, epochs = opts.trials or exp.tune.trials, opts.epochs or exp.tune.epochs or exp.train.epochs
+    epochs = opts.epochs or exp.tune.epochs or exp.train.epochs
     setup_threads(opts.threads)
     uri = tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)
     recovered = fail_dead_local_trials(study)
     requeued = requeue_interrupted(study)
-    done = sum(finished(t) for t in study.get_trials(deepcopy=False))
-    target = done + total if opts.more else total
+    done, target = study_target(study, exp, opts)
     console.print(
         f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, pruner {opts.pruner or exp.tune.pruner}) "
         f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
@@ -369,8 +378,7 @@ class StopAtTarget:
         self.target = target
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False)
-        if sum(finished(t) for t in trials) + sum(t.state == TrialState.RUNNING for t in trials) >= self.target:
+        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.target:
             study.stop()
 
 
@@ -507,8 +515,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
         raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
     tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
-    done = sum(finished(t) for t in study.get_trials(deepcopy=False))
-    target = done + (opts.trials or exp.tune.trials) if opts.more else (opts.trials or exp.tune.trials)
+    done, target = study_target(study, exp, opts)
     parent_id, _ = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
         tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage), "bench.jobs": jobs})
     threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // jobs)
@@ -533,7 +540,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     finally:
         signal.signal(signal.SIGTERM, previous)
     recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
-    done = sum(finished(t) for t in study.get_trials(deepcopy=False))
+    done = finished_count(study)
     if status == "FINISHED" and any(codes):
         if done < target:
             status = "FAILED"
