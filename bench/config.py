@@ -38,6 +38,9 @@ class ModelConfig:
     width2: int = 32
     width3: int = 40
     blocks: int = 1  # basic blocks per stage
+    blocks1: int = 0  # per-stage block counts; 0 = blocks
+    blocks2: int = 0
+    blocks3: int = 0
     dropout_at: str = "head"
 
 
@@ -260,6 +263,7 @@ def validate(exp: Experiment) -> None:
         ("width", m.width > 0, "must be > 0"),
         ("groups", m.groups >= 1, "must be >= 1"),
         ("stem", m.stem >= 0, "must be >= 0 (0 = width1)"),
+        *((name, getattr(m, name) >= 0, "must be >= 0 (0 = blocks)") for name in ("blocks1", "blocks2", "blocks3")),
         *((name, getattr(m, name) >= 1, "must be >= 1") for name in ("width1", "width2", "width3", "blocks")),
         ("epochs", t.epochs >= 1, "must be >= 1"),
         ("batch_size", t.batch_size >= 1, "must be >= 1"),

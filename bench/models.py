@@ -9,7 +9,8 @@ The residual family (preset ``resnet``) is a post-activation CIFAR ResNet (He et
 stem conv-norm-ReLU, three stages of basic blocks (conv-norm-ReLU-conv-norm, plus the shortcut,
 then ReLU), stride 2 at the start of stages 2 and 3 with a 1x1 conv-norm projection shortcut wherever
 channels or resolution change, global average pooling, dropout and a linear classifier. Its shape
-comes from the flat ``ModelConfig`` fields ``stem``, ``width1..3``, ``blocks`` and ``dropout_at``.
+comes from the flat ``ModelConfig`` fields ``stem``, ``width1..3``, ``blocks`` (or per stage
+``blocks1..3``) and ``dropout_at``.
 """
 
 from __future__ import annotations
@@ -151,14 +152,14 @@ def make_stage(in_ch: int, out_ch: int, blocks: int, stride: int, norm: str, gro
 
 
 class ResNet(nn.Module):
-    def __init__(self, stem: int, widths: tuple[int, ...], blocks: int, norm: str, groups: int = 4,
+    def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
                  dropout: float = 0.0, dropout_at: str = "head"):
         super().__init__()
         block_dropout = dropout if dropout_at == "blocks" else 0.0
         self.stem = nn.Sequential(*conv_norm(3, stem, 3, 1, norm, groups), nn.ReLU())
         self.stages = nn.Sequential(*(
-            make_stage(in_ch, out_ch, blocks, 1 if i == 0 else 2, norm, groups, block_dropout)
-            for i, (in_ch, out_ch) in enumerate(zip((stem, *widths), widths))
+            make_stage(in_ch, out_ch, n_blocks, 1 if i == 0 else 2, norm, groups, block_dropout)
+            for i, (in_ch, out_ch, n_blocks) in enumerate(zip((stem, *widths), widths, blocks))
         ))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = Dropout(dropout if dropout_at == "head" else 0.0)
@@ -177,7 +178,8 @@ def create_resnet(cfg: ModelConfig) -> ResNet:
     multiple = cfg.groups if cfg.norm == "gn" else 1
     widths = tuple(scale_width(w, cfg.width, multiple) for w in (cfg.width1, cfg.width2, cfg.width3))
     stem = scale_width(cfg.stem, cfg.width, multiple) if cfg.stem else widths[0]
-    return ResNet(stem, widths, cfg.blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at)
+    blocks = tuple(n or cfg.blocks for n in (cfg.blocks1, cfg.blocks2, cfg.blocks3))
+    return ResNet(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at)
 
 
 def create_model(
@@ -185,7 +187,7 @@ def create_model(
 ) -> nn.Module:
     """Build a model from a named preset; ``norm`` defaults to the preset's own (``bn`` for resnet).
 
-    ``arch`` takes the residual fields of ``ModelConfig`` (stem, width1..3, blocks, dropout_at), so
+    ``arch`` takes the residual fields of ``ModelConfig`` (stem, width1..3, blocks, blocks1..3, dropout_at), so
     ``create_model(**dataclasses.asdict(model_config))`` works for every preset; seed presets ignore them.
     """
     cfg = ModelConfig(preset=preset, dropout=dropout, width=width, groups=groups, **arch)  # unknown field: TypeError
@@ -212,7 +214,7 @@ def check_budget(n_params: int, max_params: int) -> None:
     if n_params > max_params:
         raise BudgetError(
             f"model has {n_params:,} parameters, over the budget of {max_params:,}; "
-            "lower width (resnet: width1..3 or blocks) or change the preset"
+            "lower width (resnet: width1..3 or blocks/blocks1..3) or change the preset"
         )
 
 

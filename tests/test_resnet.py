@@ -45,6 +45,7 @@ def test_meta_count_equals_real_count_for_every_preset_and_norm(preset, norm):
     {"stem": 8, "dropout_at": "blocks"},
     {"width": 0.7, "norm": "gn", "groups": 4},
     {"width1": 8, "width2": 8, "width3": 8},  # no projection in stage 1, stride-only projections after
+    {"blocks1": 3, "blocks2": 2, "width1": 8},
 ])
 def test_meta_count_equals_real_count_for_other_shapes(arch):
     kwargs = {"preset": "resnet", **arch}
@@ -91,6 +92,12 @@ def test_structure_stem_stages_projections_head():
     model.eval()(torch.zeros(1, 3, 32, 32))
     assert shapes == [(16, 32, 32), (32, 16, 16), (40, 8, 8), (40, 8, 8)]
     assert isinstance(model.classifier, nn.Linear) and model.classifier.in_features == 40
+
+
+def test_per_stage_block_counts_override_blocks():
+    model = create_model("resnet", "bn", blocks=2, blocks1=3, blocks3=1)
+    assert [len(stage) for stage in model.stages] == [3, 2, 1]
+    assert count_params_fast(preset="resnet", blocks1=1, blocks2=1, blocks3=1) == DEFAULT_PARAMS
 
 
 def test_stem_width_adds_a_projection_in_stage_one():
@@ -168,13 +175,13 @@ def test_summary_lists_the_blocks():
 def test_resnet_experiments_load_with_architecture_dimensions(norm):
     exp = load(EXPERIMENTS / f"resnet_{norm}.toml")
     assert (exp.model.preset, exp.model.norm, exp.budget.max_params) == ("resnet", norm, 50_000)
-    assert {"lr", "dropout", "weight_decay", "label_smoothing", "width1", "width2", "width3", "blocks"} <= set(exp.search)
+    assert {"lr", "dropout", "weight_decay", "label_smoothing", "width1", "width2", "width3", "blocks1", "blocks2"} <= set(exp.search)
     assert ("groups" in exp.search) == (norm == "gn")
     assert count_params_fast(**vars(exp.model)) == DEFAULT_PARAMS
     assert (exp.train.ema, exp.train.tta_flip) == (0.0, False)
 
 
-ARCH = ("width1", "width2", "width3", "blocks")
+ARCH = ("width1", "width2", "width3", "blocks1", "blocks2")
 
 
 def corner(exp, pick) -> dict:
@@ -191,7 +198,7 @@ def test_sampled_over_budget_architecture_is_caught_before_any_model_is_built(no
     built = []
     monkeypatch.setattr(nn.Conv2d, "reset_parameters", lambda self: built.append(self.weight.device.type))
     largest = suggest(optuna.trial.FixedTrial(corner(exp, max)), exp)
-    assert (largest.model.width3, largest.model.blocks) == (56, 2)
+    assert (largest.model.width3, largest.model.blocks1, largest.model.blocks2) == (48, 3, 2)
     assert count_params_fast(**vars(largest.model)) > exp.budget.max_params
     smallest = suggest(optuna.trial.FixedTrial(corner(exp, min)), exp)
     assert count_params_fast(**vars(smallest.model)) <= exp.budget.max_params
@@ -202,6 +209,7 @@ def test_sampled_over_budget_architecture_is_caught_before_any_model_is_built(no
     ({"width2": 0}, "width2 must be >= 1"),
     ({"blocks": 0}, "blocks must be >= 1"),
     ({"stem": -8}, "stem must be >= 0"),
+    ({"blocks2": -1}, "blocks2 must be >= 0"),
     ({"dropout_at": "stem"}, "dropout_at: 'stem' is not one of head, blocks"),
     ({"ema": 1.0}, r"ema must be in \[0, 1\)"),
 ])
