@@ -294,6 +294,42 @@ def plot_history(summaries: list[NormSummary], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def trained_trials(s: NormSummary) -> list:
+    """The study's complete (trained, within budget) trial runs, best first."""
+    done = [r for r in s.record.trials if records.state(r) == "COMPLETE" and "best_val_acc" in r.data.metrics]
+    return sorted(done, key=lambda r: -records.metric(r, "best_val_acc"))
+
+
+def trials_table(summaries: list[NormSummary], top_k: int = 5) -> list[str]:
+    lines = [row(["study", "trial", "params", "best val acc", "test acc (trial)", "s / epoch", "hyperparameters"]),
+             row(["---"] * 7)]
+    for s in summaries:
+        for r in trained_trials(s)[:top_k]:
+            hp = ", ".join(f"{k}={short(v)}" for k, v in r.data.params.items() if k in s.hyperparameters)
+            lines.append(row([s.name, f"#{records.trial_number(r)}", f"{int(records.metric(r, 'n_params')):,}",
+                              pct(records.metric(r, "best_val_acc")), pct(records.metric(r, "test_acc")),
+                              f"{records.metric(r, 'mean_epoch_seconds'):.1f}", hp]))
+    return lines
+
+
+def plot_pareto(summaries: list[NormSummary], path: Path) -> None:
+    """Best validation accuracy against parameters of every trained trial, each study's Pareto front
+    (no trial with fewer parameters is more accurate) as a line."""
+    fig, axes = figure(1, 1, 7, 4.5)
+    ax = axes[0][0]
+    for s, color in zip(summaries, colors(len(summaries))):
+        trials = trained_trials(s)
+        params = [records.metric(r, "n_params") for r in trials]
+        accs = [records.metric(r, "best_val_acc") for r in trials]
+        ax.plot(params, accs, "o", color=color, alpha=0.4, ms=4)
+        front = stats.pareto_front(params, accs)
+        ax.plot([params[i] for i in front], [accs[i] for i in front], "-o", color=color, label=f"{s.name} ({len(trials)} trials)")
+    ax.set(xlabel="parameters", ylabel="best validation accuracy (tuning epochs)", title="accuracy vs parameters: Pareto fronts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120)
+
+
 class Predictions:
     """``predictions/test.npz`` per run, downloaded once."""
 
@@ -416,6 +452,11 @@ def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figure
         "mean over the confirm seeds with a min–max band.", "",
         "## Optimisation history", "", figures["history"], "",
         "Validation accuracy of every trial by trial number; the red step is the running best of complete trials.", "",
+        "## Accuracy against parameters", "",
+        "The best trained trials of each study (tuning epochs and data; test acc is that trial's own model) and every "
+        "trained trial by parameters and validation accuracy. The line joins each study's Pareto front: the trials that "
+        "no trial with fewer parameters beats.", "",
+        *trials_table(summaries), "", figures["pareto"], "",
         "## Misclassified test images", "", figures["misclassified"], "",
         "The first 10 misclassified test images (true → predicted) of each norm's first confirm run, or its best trial "
         f"when it has no confirm runs (runs {', '.join(f'`{r}`' for r in sources)}).", "",
@@ -451,9 +492,10 @@ def write_figures(summaries: list[NormSummary], out: Path) -> tuple[dict[str, st
     preds = Predictions()
     plot_curves(summaries, out / "curves.png")
     plot_history(summaries, out / "history.png")
+    plot_pareto(summaries, out / "pareto.png")
     sources = plot_misclassified(summaries, preds, out / "misclassified.png")
     plot_confusion(summaries, preds, out / "confusion.png")
-    names = ["curves", "history", "misclassified", "confusion"]
+    names = ["curves", "history", "pareto", "misclassified", "confusion"]
     if plot_batch_sizes(summaries, out / "batch_sizes.png"):
         names.append("batch_sizes")
     return {n: f"![{n}]({n}.png)" for n in names}, sources

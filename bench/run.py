@@ -94,6 +94,7 @@ def train_tracked(
             "test_loss": result.test_loss, "test_acc": result.test_acc, "best_val_acc": result.best_val_acc,
             "final_val_acc": result.history[-1]["val_acc"], "total_seconds": result.seconds,
             "mean_epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / len(result.history),
+            **result.recipe_ablation,
         })
         tracking.log_predictions(result.test_predictions, data.test)  # the pass that gave test_acc
         tracking.log_model(model, registered_name)

@@ -99,3 +99,15 @@ def holm(p_values: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p_values[i]))
         adjusted[i] = running
     return adjusted
+
+
+def pareto_front(costs, scores) -> list[int]:
+    """Indices of the points no other point beats, i.e. none has cost <= and score >= with one strict
+    (e.g. fewer parameters and higher accuracy), sorted by cost."""
+    order = sorted(range(len(costs)), key=lambda i: (costs[i], -scores[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if scores[i] > best:
+            front.append(i)
+            best = scores[i]
+    return front

@@ -49,6 +49,7 @@ class Result:
     test_loss: float = math.nan
     test_acc: float = math.nan
     test_predictions: torch.Tensor | None = None  # predicted class per test image, for the tracked record
+    recipe_ablation: dict[str, float] = field(default_factory=dict)  # test acc with EMA and/or TTA off
     seconds: float = 0.0
 
     @property
@@ -187,6 +188,16 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def recipe_ablation(model: nn.Module, ema: AveragedModel | None, split: Split, rt: Runtime, cfg: TrainConfig) -> dict[str, float]:
+    """Test accuracy of the raw and (if kept) averaged weights, each with and without flip-TTA.
+    Both act only at evaluation, so one trained run gives an exact ablation of each."""
+    models = {"raw": model, **({"ema": ema.module} if ema is not None else {})}
+    return {
+        f"test_acc_{name}{'_tta' if tta else ''}": evaluate(m, split, rt, cfg.eval_batch_size, tta)[1]
+        for name, m in models.items() for tta in (False, True)
+    }
+
+
 EpochCallback = Callable[[int, dict[str, float]], Any]
 
 
@@ -235,6 +246,8 @@ def fit(
         result.history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
+    if ema is not None or cfg.tta_flip:
+        result.recipe_ablation = recipe_ablation(model, ema, data.test, rt, cfg)
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
     test_logits = predict(model, data.test, rt, cfg.eval_batch_size, cfg.tta_flip)

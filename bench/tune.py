@@ -32,6 +32,7 @@ from .config import Experiment, override
 from .errors import BenchError, ConfigError, DivergedError, TrackingError
 from .models import count_params_fast
 from .run import load_data, train_tracked
+from .stats import pareto_front
 from .train import default_device, resolve_runtime, setup_threads
 
 DEFAULT_STORAGE_FILE = Path("mlruns") / "optuna.journal"
@@ -250,6 +251,7 @@ class Objective:
         value = result.best_val_acc
         trial.set_user_attr("test_acc", result.test_acc)
         trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("epoch_seconds", sum(r["epoch_seconds"] for r in result.history) / len(result.history))
         trial.set_user_attr("model_uri", mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri"))
         if value > best_before:
             version = tracking.register(trial.user_attrs["model_uri"], registry_name(self.study_name),
@@ -611,12 +613,13 @@ def summarise_to_parent(study: optuna.Study, parent_id: str, seconds: float, fin
 
 
 def study_plots(study: optuna.Study) -> dict[str, str]:
-    """Optimisation history, parameter importances and parallel coordinates as self-contained HTML."""
+    """Optimisation history, parameter importances, parallel coordinates and the accuracy-parameters
+    Pareto front as self-contained HTML, plus the best trials as a Markdown table."""
     import optuna.visualization as vis
 
     plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate}
-    html = {}
+             "parallel_coordinate": vis.plot_parallel_coordinate, "pareto_params": pareto_figure}
+    html = {"study/best_trials.md": best_trials_markdown(study)}
     for name, plot in plots.items():
         try:
             with warnings.catch_warnings():  # e.g. "importances will be equal" on a few tiny trials
@@ -627,13 +630,52 @@ def study_plots(study: optuna.Study) -> dict[str, str]:
     return html
 
 
+def pareto_figure(study: optuna.Study):
+    """Best validation accuracy against parameters of every trained trial; the non-dominated ones
+    (no trial with fewer parameters is more accurate) joined as the front."""
+    import plotly.graph_objects as go
+
+    trials = sorted(feasible_complete(study), key=lambda t: t.number)
+    if not trials:
+        raise ValueError("no complete trials")
+    params = [t.user_attrs.get("n_params", 0) for t in trials]
+    accs = [t.value for t in trials]
+    hover = [f"trial {t.number}<br>{n:,} params<br>val acc {t.value:.4f}<br>{t.user_attrs.get('epoch_seconds', math.nan):.1f} s/epoch"
+             for t, n in zip(trials, params)]
+    front = pareto_front(params, accs)
+    fig = go.Figure([
+        go.Scatter(x=params, y=accs, mode="markers", name="trials", text=hover, hoverinfo="text"),
+        go.Scatter(x=[params[i] for i in front], y=[accs[i] for i in front], mode="lines+markers", name="Pareto front",
+                   text=[hover[i] for i in front], hoverinfo="text"),
+    ])
+    fig.update_layout(title=f"study '{study.study_name}': validation accuracy vs parameters",
+                      xaxis_title="parameters", yaxis_title="best validation accuracy")
+    return fig
+
+
+def best_trials_markdown(study: optuna.Study, top_k: int = 10) -> str:
+    """The best trained trials: parameters, accuracy, seconds per epoch, hyperparameters."""
+    lines = [f"# Study '{study.study_name}': best trials", "",
+             "| trial | params | val acc | test acc | s / epoch | hyperparameters |", "| --- | --- | --- | --- | --- | --- |"]
+    for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]:
+        a = t.user_attrs
+        lines.append(f"| {t.number} | {a.get('n_params', 0):,} | {t.value:.4f} | {a.get('test_acc', math.nan):.4f} | "
+                     f"{a.get('epoch_seconds', math.nan):.1f} | {format_params(t.params)} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_params(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
 def best_table(study: optuna.Study, top_k: int = 5) -> Table:
     counts = ", ".join(f"{v} {k.removeprefix('trials_')}" for k, v in study_counts(study).items())
     table = Table(title=f"study '{study.study_name}': best trials ({counts})")
-    for col in ("trial", "val acc", "test acc", "params", "seconds", "hyperparameters"):
+    for col in ("trial", "val acc", "test acc", "params", "seconds", "s / epoch", "hyperparameters"):
         table.add_column(col)
     for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]:
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in t.params.items())
+        params = format_params(t.params)
         table.add_row(str(t.number), f"{t.value:.4f}", f"{t.user_attrs.get('test_acc', math.nan):.4f}",
-                      f"{t.user_attrs.get('n_params', 0):,}", f"{t.duration.total_seconds():.0f}" if t.duration else "", params)
+                      f"{t.user_attrs.get('n_params', 0):,}", f"{t.duration.total_seconds():.0f}" if t.duration else "",
+                      f"{t.user_attrs.get('epoch_seconds', math.nan):.1f}", params)
     return table

@@ -27,8 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000}
 NORMS = ("bn", "gn")
 SECTIONS = ("## Results per norm", "## Which differences are larger than the seed-to-seed spread", "## Training curves",
-            "## Optimisation history", "## Misclassified test images", "## Confusion matrices", "## Batch-size sensitivity", "## Sources")
-FIGURES = ("curves.png", "history.png", "misclassified.png", "confusion.png", "batch_sizes.png")
+            "## Optimisation history", "## Accuracy against parameters", "## Misclassified test images", "## Confusion matrices", "## Batch-size sensitivity", "## Sources")
+FIGURES = ("curves.png", "history.png", "pareto.png", "misclassified.png", "confusion.png", "batch_sizes.png")
 
 
 def invoke(*args: str):
@@ -117,6 +117,9 @@ def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies
         assert f"{int(best.data.metrics['n_params']):,}" in row
         assert f"{int(metrics['trials_complete'])} / {int(metrics['trials_pruned'])} / {int(metrics['trials_failed'])} / {int(metrics['trials_rejected'])}" in row
         assert duration(metrics["study_seconds"]) in row
+        trials_section = text.split("## Accuracy against parameters")[1].split("## Misclassified")[0]
+        assert (f"| {norm} | #{int(metrics['best_trial'])} | {int(best.data.metrics['n_params']):,} | {pct(metrics['best_val_acc'])} | "
+                f"{pct(best.data.metrics['test_acc'])} | {best.data.metrics['mean_epoch_seconds']:.1f} |") in trials_section
         for name in ("lr", "dropout", "weight_decay", "width"):
             assert f"{name}=" in row
         accs = np.array([r.data.metrics["test_acc"] for r in runs(norm, "confirm")])

@@ -305,6 +305,17 @@ def test_ema_changes_the_evaluated_weights_and_still_trains(ema_runs):
     assert not torch.equal(plain.classifier.weight, averaged.classifier.weight)
 
 
+def test_recipe_ablation_reports_each_option_off_from_the_same_run(ema_runs):
+    data, runs = ema_runs
+    (_, plain_result, rt), (averaged, ema_result, _) = runs[0.0], runs[0.9]
+    assert plain_result.recipe_ablation == {}  # nothing to ablate
+    ablation = ema_result.recipe_ablation
+    assert set(ablation) == {"test_acc_raw", "test_acc_raw_tta", "test_acc_ema", "test_acc_ema_tta"}
+    assert ablation["test_acc_raw"] == pytest.approx(plain_result.test_acc)  # EMA never fed back into training
+    assert ablation["test_acc_ema"] == pytest.approx(ema_result.test_acc)
+    assert ablation["test_acc_ema_tta"] == pytest.approx(evaluate(averaged, data.test, rt, tta_flip=True)[1])
+
+
 def test_tta_flip_averages_the_image_and_its_mirror():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)

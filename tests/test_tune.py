@@ -162,3 +162,37 @@ def test_worker_argv_drops_what_the_launcher_sets_for_each_worker():
 
     argv = ["--norm", "all", "--jobs", "auto", "--trials=9", "--more", "--threads", "2", "--set", "lr=0.1"]
     assert worker_argv(argv, "gn") == ["--set", "lr=0.1", "--norm", "gn"]
+
+
+def test_tiny_architecture_study_runs_end_to_end(store, cifar, monkeypatch):
+    """experiments/resnet_bn.toml on a real slice: over-budget samples are rejected untrained, the
+    rest train; the parent run holds the best-trials table and the accuracy-parameters Pareto plot."""
+    from bench.data import CIFAR10
+
+    tiny = CIFAR10(cifar.train.take(300), cifar.val.take(100), cifar.test.take(100), cifar.source + " (slice)", cifar.digest)
+    monkeypatch.setattr("bench.tune.load_data", lambda *args, **kwargs: tiny)
+    exp = config.override(config.load(REPO / "experiments" / "resnet_bn.toml"), train_subset=300, batch_size=100)
+    study = run_study(exp, TuneOptions(trials=8, epochs=1, threads=1))
+
+    rejected = [t for t in study.trials if t.user_attrs.get("rejected")]
+    trained = [t for t in study.trials if t.state == TrialState.COMPLETE and not t.user_attrs.get("rejected")]
+    assert rejected and trained and len(rejected) + len(trained) + sum(t.state == TrialState.PRUNED for t in study.trials) == 8
+    assert all(t.user_attrs["n_params"] > 50_000 and "epoch_seconds" not in t.user_attrs for t in rejected)
+    assert all(t.user_attrs["n_params"] <= 50_000 and t.user_attrs["epoch_seconds"] > 0 for t in trained)
+    assert {t.params["blocks1"] for t in study.trials} <= {1, 2, 3}
+
+    parent = next(r for r in runs_of("resnet_bn") if r.data.tags[tracking.TAG_KIND] == "study")
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
+    assert {"study/best_trials.md", "study/pareto_params.html"} <= artifacts
+    table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study/best_trials.md")
+    best = max(trained, key=lambda t: t.value)
+    assert f"| {best.number} | {best.user_attrs['n_params']:,} | {best.value:.4f} |" in table
+    assert len(table.strip().splitlines()) == 4 + min(len(trained), 10)
+
+
+def test_pareto_front_keeps_only_trials_nothing_smaller_beats():
+    from bench.stats import pareto_front
+
+    params = [40_000, 30_000, 45_000, 30_000, 20_000]
+    accs = [0.80, 0.78, 0.79, 0.70, 0.60]
+    assert pareto_front(params, accs) == [4, 1, 0]  # 45k is beaten by 40k, the second 30k by the first
