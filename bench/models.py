@@ -46,29 +46,37 @@ RESIDUAL_PRESETS = ("resnet",)  # shape from the ModelConfig fields; the default
 ALL_PRESETS = (*PRESETS, *RESIDUAL_PRESETS)
 
 
-def random_bits_like(x: torch.Tensor) -> torch.Tensor:
-    """int16 random bits with ``x``'s shape and memory layout (NCHW or channels-last)."""
+def random_bytes_like(x: torch.Tensor) -> torch.Tensor:
+    """Uniform uint8 random bytes with ``x``'s shape and memory layout (NCHW or channels-last): eight
+    per 64-bit draw. The full signed range is asked for because ``random_()`` alone leaves bit 63 at 0."""
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_().view(torch.int16)[:n]
+    bits = torch.empty((n + 7) // 8, dtype=torch.int64, device=x.device).random_(-(2**63), 2**63 - 1)
+    bytes_ = bits.view(torch.uint8)[:n]
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         b, c, h, w = x.shape
-        return bits.view(b, h, w, c).permute(0, 3, 1, 2)
-    return bits.view(x.shape)
+        return bytes_.view(b, h, w, c).permute(0, 3, 1, 2)
+    return bytes_.view(x.shape)
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose mask comes from packed random bits.
+    """``nn.Dropout`` whose mask comes from packed random bytes.
 
-    ``F.dropout`` draws one float per element; here one 64-bit draw yields four 15-bit uniforms
-    (profiled: mask generation was about half of a training step). The mask is built in ``x``'s own
-    memory layout, or the multiply falls onto a slow mixed-layout path. p resolution is 1/32768.
+    ``F.dropout`` draws one float per element; here one 64-bit draw yields eight 8-bit uniforms
+    (profiled: mask generation was about half of a training step). p is rounded to a multiple of
+    1/256 (0.05 drops 13/256 = 5.08%) and kept units are scaled by the exact 256/(256 - k), so the
+    expectation is preserved. The mask is built in ``x``'s own memory layout and dtype, or the
+    multiply falls onto a slow mixed-layout path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = (random_bits_like(x) & 0x7FFF) >= round(self.p * 32768)  # random_() leaves int64's sign bit 0
-        return x * torch.where(keep, 1.0 / (1.0 - self.p), 0.0).to(x.dtype)
+        dropped = round(self.p * 256)
+        if dropped >= 256:
+            return torch.zeros_like(x)
+        keep = random_bytes_like(x) >= dropped
+        scale = torch.full((), 256 / (256 - dropped), dtype=x.dtype, device=x.device)
+        return x * torch.where(keep, scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def make_norm(norm: str, channels: int, spatial: int, groups: int) -> nn.Module:

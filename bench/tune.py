@@ -209,7 +209,9 @@ class Objective:
             with tracking.run(self.study_name, f"trial-{trial.number}", "trial", tags=tags, parent_run_id=self.parent_id) as active:
                 trial.set_user_attr("mlflow_run_id", active.info.run_id)
                 if n_params > exp.budget.max_params:
-                    return self._reject(trial, exp, n_params)
+                    value = self._reject(trial, exp, n_params)
+                    self._line(trial, n_params, f"REJECTED (over the {exp.budget.max_params:,} budget, not trained)", start)
+                    return value
                 value = self._train(trial, exp, label)
         except optuna.TrialPruned:
             self._line(trial, n_params, "PRUNED", start)

@@ -308,6 +308,27 @@ def test_dropout_drops_and_rescales_in_training_only():
     assert torch.equal(Dropout(0.0).train()(x), x)
 
 
+def test_dropout_rounds_p_to_256ths_and_keeps_the_expectation():
+    torch.manual_seed(0)
+    y = Dropout(0.05).train()(torch.ones(400_000, dtype=torch.bfloat16))
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 243 / 256) < 0.002  # 0.05 drops 13/256
+    assert torch.allclose(y[kept].float(), torch.full((int(kept.sum()),), 256 / 243), rtol=1e-2)
+    assert abs(y.float().mean().item() - 1.0) < 0.005 and y.dtype == torch.bfloat16
+    assert torch.equal(Dropout(1.0).train()(torch.ones(10)), torch.zeros(10))
+
+
+def test_random_bytes_are_uniform_in_every_byte_of_the_draw():
+    from bench.models import random_bytes_like
+
+    torch.manual_seed(0)
+    x = torch.empty(64, 8, 16, 16).to(memory_format=torch.channels_last)
+    b = random_bytes_like(x)
+    assert b.shape == x.shape and b.is_contiguous(memory_format=torch.channels_last) and b.dtype == torch.uint8
+    per_position = b.permute(0, 2, 3, 1).reshape(-1, 8).float().mean(0)  # byte k of each 64-bit draw
+    assert torch.allclose(per_position, torch.full((8,), 127.5), atol=2.0)  # random_() alone leaves bit 63 at 0
+
+
 def test_make_summary_lists_layers_and_total():
     text = make_summary(create_model("seed_gn"))
     assert "47,236" in text
