@@ -642,8 +642,7 @@ def pareto_figure(study: optuna.Study):
         raise ValueError("no complete trials")
     params = [t.user_attrs.get("n_params", 0) for t in trials]
     accs = [t.value for t in trials]
-    hover = [f"trial {t.number}<br>{n:,} params<br>val acc {t.value:.4f}<br>{t.user_attrs.get('epoch_seconds', math.nan):.1f} s/epoch"
-             for t, n in zip(trials, params)]
+    hover = [f"trial {t.number}<br>{n:,} params<br>val acc {t.value:.4f}<br>{epoch_seconds(t)} s/epoch" for t, n in zip(trials, params)]
     front = pareto_front(params, accs)
     fig = go.Figure([
         go.Scatter(x=params, y=accs, mode="markers", name="trials", text=hover, hoverinfo="text"),
@@ -662,8 +661,14 @@ def best_trials_markdown(study: optuna.Study, top_k: int = 10) -> str:
     for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]:
         a = t.user_attrs
         lines.append(f"| {t.number} | {a.get('n_params', 0):,} | {t.value:.4f} | {a.get('test_acc', math.nan):.4f} | "
-                     f"{a.get('epoch_seconds', math.nan):.1f} | {format_params(t.params)} |")
+                     f"{epoch_seconds(t)} | {format_params(t.params)} |")
     return "\n".join(lines) + "\n"
+
+
+def epoch_seconds(trial: FrozenTrial) -> str:
+    """Mean training seconds per epoch, or "-" for trials recorded before bench stored it."""
+    value = trial.user_attrs.get("epoch_seconds")
+    return "-" if value is None else f"{value:.1f}"
 
 
 def format_params(params: dict[str, Any]) -> str:
@@ -679,5 +684,5 @@ def best_table(study: optuna.Study, top_k: int = 5) -> Table:
         params = format_params(t.params)
         table.add_row(str(t.number), f"{t.value:.4f}", f"{t.user_attrs.get('test_acc', math.nan):.4f}",
                       f"{t.user_attrs.get('n_params', 0):,}", f"{t.duration.total_seconds():.0f}" if t.duration else "",
-                      f"{t.user_attrs.get('epoch_seconds', math.nan):.1f}", params)
+                      epoch_seconds(t), params)
     return table
