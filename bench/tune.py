@@ -332,13 +332,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     parent_id = os.environ.get("BENCH_PARENT_RUN_ID")  # set by `--jobs K` for its workers
     joined = bool(parent_id)
     if not parent_id:
-        parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
-            tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
-            "bench.pruner": opts.pruner or exp.tune.pruner, "bench.epochs_per_trial": epochs,
-        })
-    if not joined:
-        tracking.log_to_run(parent_id, params={**{f"space.{k}": _describe(v) for k, v in exp.search.items()},
-                                               "trials_target": target, "seed": opts.seed})
+        parent_id, joined = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
     if os.environ.get("BENCH_WORKER_INDEX"):  # one of `--jobs K` workers: its own seed, not its siblings' draws
         study.sampler = create_sampler(exp, opts.seed + int(os.environ["BENCH_WORKER_INDEX"]))
     elif joined:  # another worker is on this study: the same seed would replay its random draws
@@ -373,6 +367,19 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     console.print(best_table(study))
     console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
     return study
+
+
+def open_study_parent(study: optuna.Study, exp: Experiment, opts: TuneOptions, target: int, tags: dict[str, Any]) -> tuple[str, bool]:
+    """(run id, joined): the study's parent run, joined if another process has it open, else created
+    with the search space (``space.*`` params, which the report reads), the total and the seed."""
+    parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
+        tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
+        "bench.pruner": opts.pruner or exp.tune.pruner, **tags,
+    })
+    if not joined:
+        tracking.log_to_run(parent_id, params={**{f"space.{k}": _describe(v) for k, v in exp.search.items()},
+                                               "trials_target": target, "seed": opts.seed})
+    return parent_id, joined
 
 
 class StopAtTarget:
@@ -520,8 +527,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
     done, target = study_target(study, exp, opts)
-    parent_id, _ = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
-        tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage), "bench.jobs": jobs})
+    parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.jobs": jobs})
     threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // jobs)
     # The total is fixed here: with --more, workers starting at different moments would each add N.
     cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]

@@ -289,6 +289,7 @@ def test_jobs_2_on_the_journal_storage_runs_the_total_under_one_parent(tmp_path)
     study, runs = local_store(tmp_path)
     parent, trial_runs = check_one_study(study, runs, 2)
     assert len(trial_runs) == 2 and len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert {"space.lr", "space.dropout", "trials_target"} <= set(parent.data.params)  # what the report's table reads
 
 
 def test_sigkilled_worker_on_the_journal_storage_is_recovered_by_the_next_run(tmp_path):
