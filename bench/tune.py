@@ -110,7 +110,10 @@ def create_sampler(exp: Experiment, seed: int) -> optuna.samplers.BaseSampler:
 
 def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=exp.tune.startup_trials, n_warmup_steps=exp.tune.warmup_epochs)
+        # Rejected (over-budget) trials are complete but report no epochs, so they count toward
+        # n_startup_trials; n_min_trials makes the median come from trials that really trained.
+        return optuna.pruners.MedianPruner(n_startup_trials=exp.tune.startup_trials, n_warmup_steps=exp.tune.warmup_epochs,
+                                           n_min_trials=exp.tune.startup_trials)
     if name == "halving":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, exp.tune.warmup_epochs), reduction_factor=3)
     return optuna.pruners.NopPruner()

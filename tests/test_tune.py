@@ -196,3 +196,20 @@ def test_pareto_front_keeps_only_trials_nothing_smaller_beats():
     params = [40_000, 30_000, 45_000, 30_000, 20_000]
     accs = [0.80, 0.78, 0.79, 0.70, 0.60]
     assert pareto_front(params, accs) == [4, 1, 0]  # 45k is beaten by 40k, the second 30k by the first
+
+
+def test_median_pruner_waits_for_trained_trials_not_rejected_ones():
+    """Rejected trials complete without reporting epochs; a median over one trained trial is no median."""
+    from bench.tune import create_pruner
+
+    exp = config.load(REPO / "experiments" / "resnet_bn.toml")
+    study = optuna.create_study(direction="maximize", pruner=create_pruner("median", exp))
+    for _ in range(exp.tune.startup_trials):  # over budget: complete, no intermediate values
+        study.add_trial(optuna.trial.create_trial(value=0.0, user_attrs={"rejected": True}))
+    study.add_trial(optuna.trial.create_trial(value=0.6, intermediate_values={1: 0.3, 2: 0.5, 3: 0.6}))
+    trial = study.ask()
+    trial.report(0.2, 3)
+    assert not trial.should_prune()  # one trained reference trial: keep going
+    for acc in (0.55, 0.5, 0.45, 0.4):
+        study.add_trial(optuna.trial.create_trial(value=acc, intermediate_values={3: acc}))
+    assert trial.should_prune()  # five trained trials at epoch 3, all above 0.2
