@@ -295,7 +295,7 @@ TRAIN_KNOBS = {
     "channels_last": ("channels-last", {"channels_last": True}, "same math, other layout"),
     "foreach": ("foreach SGD", {"sgd": "foreach"}, "same math"),
     "fused": ("fused SGD", {"sgd": "fused"}, "same math"),
-    "dropout": ("packed-bits Dropout", {"packed_dropout": True}, "other random stream, p to 1/256"),
+    "dropout": ("packed-bytes Dropout", {"packed_dropout": True}, "other random stream, p to 1/256"),
     "batch256": ("batch 256", {"batch_size": 256}, "fewer steps: retune lr"),
     "batch512": ("batch 512", {"batch_size": 512}, "fewer steps: retune lr"),
     "compile": ("torch.compile", {"compile": True}, "same math, fused kernels"),
