@@ -59,10 +59,14 @@ def trial_number(run) -> int:
     return int(run.data.tags.get(tracking.TAG_TRIAL, -1))
 
 
+def trained(trials: list[Any]) -> list[Any]:
+    """COMPLETE trial runs that trained (rejected ones are not COMPLETE and have no best_val_acc)."""
+    return [r for r in trials if state(r) == "COMPLETE" and "best_val_acc" in r.data.metrics]
+
+
 def best_trial(trials: list[Any]) -> Any | None:
     """Highest best_val_acc among COMPLETE trials (the study's objective); ties go to the earlier trial."""
-    complete = [r for r in trials if state(r) == "COMPLETE" and "best_val_acc" in r.data.metrics]
-    return max(complete, key=lambda r: (r.data.metrics["best_val_acc"], -trial_number(r)), default=None)
+    return max(trained(trials), key=lambda r: (r.data.metrics["best_val_acc"], -trial_number(r)), default=None)
 
 
 def trial_counts(trials: list[Any]) -> dict[str, int]:

@@ -296,8 +296,7 @@ def plot_history(summaries: list[NormSummary], path: Path) -> None:
 
 def trained_trials(s: NormSummary) -> list:
     """The study's complete (trained, within budget) trial runs, best first."""
-    done = [r for r in s.record.trials if records.state(r) == "COMPLETE" and "best_val_acc" in r.data.metrics]
-    return sorted(done, key=lambda r: -records.metric(r, "best_val_acc"))
+    return sorted(records.trained(s.record.trials), key=lambda r: -records.metric(r, "best_val_acc"))
 
 
 def trials_table(summaries: list[NormSummary], top_k: int = 5) -> list[str]:

@@ -93,7 +93,7 @@ def train_tracked(
         tracking.log_metrics({
             "test_loss": result.test_loss, "test_acc": result.test_acc, "best_val_acc": result.best_val_acc,
             "final_val_acc": result.history[-1]["val_acc"], "total_seconds": result.seconds,
-            "mean_epoch_seconds": sum(r["epoch_seconds"] for r in result.history) / len(result.history),
+            "mean_epoch_seconds": result.mean_epoch_seconds,
             **result.recipe_ablation,
         })
         tracking.log_predictions(result.test_predictions, data.test)  # the pass that gave test_acc

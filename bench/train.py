@@ -56,6 +56,10 @@ class Result:
     def best_val_acc(self) -> float:
         return max((r["val_acc"] for r in self.history), default=math.nan)
 
+    @property
+    def mean_epoch_seconds(self) -> float:
+        return sum(r["epoch_seconds"] for r in self.history) / len(self.history) if self.history else math.nan
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -188,14 +192,13 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
-def recipe_ablation(model: nn.Module, ema: AveragedModel | None, split: Split, rt: Runtime, cfg: TrainConfig) -> dict[str, float]:
-    """Test accuracy of the raw and (if kept) averaged weights, each with and without flip-TTA.
-    Both act only at evaluation, so one trained run gives an exact ablation of each."""
+def test_logits_by_recipe(model: nn.Module, ema: AveragedModel | None, split: Split, rt: Runtime, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Logits of the raw and (if kept) averaged weights, each with and without flip-TTA, keyed
+    raw, raw_tta, ema, ema_tta. Both act only at evaluation, so one trained run gives an exact
+    ablation of each; without either there is nothing to ablate and only the plain pass is made."""
     models = {"raw": model, **({"ema": ema.module} if ema is not None else {})}
-    return {
-        f"test_acc_{name}{'_tta' if tta else ''}": evaluate(m, split, rt, cfg.eval_batch_size, tta)[1]
-        for name, m in models.items() for tta in (False, True)
-    }
+    flips = (False, True) if ema is not None or cfg.tta_flip else (False,)
+    return {f"{name}{'_tta' if tta else ''}": predict(m, split, rt, cfg.eval_batch_size, tta) for name, m in models.items() for tta in flips}
 
 
 EpochCallback = Callable[[int, dict[str, float]], Any]
@@ -246,11 +249,12 @@ def fit(
         result.history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
-    if ema is not None or cfg.tta_flip:
-        result.recipe_ablation = recipe_ablation(model, ema, data.test, rt, cfg)
+    logits = test_logits_by_recipe(model, ema, data.test, rt, cfg)
+    if len(logits) > 1:
+        result.recipe_ablation = {f"test_acc_{name}": score(out, data.test.labels)[1] for name, out in logits.items()}
+    test_logits = logits[("ema" if ema is not None else "raw") + ("_tta" if cfg.tta_flip else "")]  # what the config asks for
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
-    test_logits = predict(model, data.test, rt, cfg.eval_batch_size, cfg.tta_flip)
     result.test_loss, result.test_acc = score(test_logits, data.test.labels)
     result.test_predictions = test_logits.argmax(1)
     result.seconds = time.perf_counter() - start

@@ -256,7 +256,7 @@ class Objective:
         value = result.best_val_acc
         trial.set_user_attr("test_acc", result.test_acc)
         trial.set_user_attr("seconds", result.seconds)
-        trial.set_user_attr("epoch_seconds", sum(r["epoch_seconds"] for r in result.history) / len(result.history))
+        trial.set_user_attr("epoch_seconds", result.mean_epoch_seconds)
         trial.set_user_attr("model_uri", mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri"))
         if value > best_before:
             version = tracking.register(trial.user_attrs["model_uri"], registry_name(self.study_name),
@@ -663,14 +663,22 @@ def pareto_figure(study: optuna.Study):
     return fig
 
 
+BEST_COLUMNS = ("trial", "params", "val acc", "test acc", "seconds", "s / epoch", "hyperparameters")
+
+
+def best_rows(study: optuna.Study, top_k: int) -> list[list[str]]:
+    """The best trained trials as BEST_COLUMNS cells, for the console and the parent run's table."""
+    return [
+        [str(t.number), f"{t.user_attrs.get('n_params', 0):,}", f"{t.value:.4f}", f"{t.user_attrs.get('test_acc', math.nan):.4f}",
+         f"{t.duration.total_seconds():.0f}" if t.duration else "", epoch_seconds(t), format_params(t.params)]
+        for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]
+    ]
+
+
 def best_trials_markdown(study: optuna.Study, top_k: int = 10) -> str:
     """The best trained trials: parameters, accuracy, seconds per epoch, hyperparameters."""
-    lines = [f"# Study '{study.study_name}': best trials", "",
-             "| trial | params | val acc | test acc | s / epoch | hyperparameters |", "| --- | --- | --- | --- | --- | --- |"]
-    for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]:
-        a = t.user_attrs
-        lines.append(f"| {t.number} | {a.get('n_params', 0):,} | {t.value:.4f} | {a.get('test_acc', math.nan):.4f} | "
-                     f"{epoch_seconds(t)} | {format_params(t.params)} |")
+    lines = [f"# Study '{study.study_name}': best trials", "", "| " + " | ".join(BEST_COLUMNS) + " |", "| --- " * len(BEST_COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in best_rows(study, top_k)]
     return "\n".join(lines) + "\n"
 
 
@@ -687,11 +695,8 @@ def format_params(params: dict[str, Any]) -> str:
 def best_table(study: optuna.Study, top_k: int = 5) -> Table:
     counts = ", ".join(f"{v} {k.removeprefix('trials_')}" for k, v in study_counts(study).items())
     table = Table(title=f"study '{study.study_name}': best trials ({counts})")
-    for col in ("trial", "val acc", "test acc", "params", "seconds", "s / epoch", "hyperparameters"):
+    for col in BEST_COLUMNS:
         table.add_column(col)
-    for t in sorted(feasible_complete(study), key=lambda t: -t.value)[:top_k]:
-        params = format_params(t.params)
-        table.add_row(str(t.number), f"{t.value:.4f}", f"{t.user_attrs.get('test_acc', math.nan):.4f}",
-                      f"{t.user_attrs.get('n_params', 0):,}", f"{t.duration.total_seconds():.0f}" if t.duration else "",
-                      epoch_seconds(t), params)
+    for cells in best_rows(study, top_k):
+        table.add_row(*cells)
     return table
