@@ -119,17 +119,43 @@ def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+def search_distributions(exp: Experiment) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every declared search dimension."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, dim in exp.search.items():
+        if dim.choices is not None:
+            dists[name] = optuna.distributions.CategoricalDistribution(dim.choices)
+        elif isinstance(dim.low, int) and isinstance(dim.high, int):
+            dists[name] = optuna.distributions.IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step or 1)
+        else:
+            dists[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
+    return dists
+
+
 def suggest(trial: optuna.Trial, exp: Experiment) -> Experiment:
     """A copy of ``exp`` with every declared search dimension sampled by ``trial``."""
     values: dict[str, Any] = {}
-    for name, dim in exp.search.items():
-        if dim.choices is not None:
-            values[name] = trial.suggest_categorical(name, dim.choices)
-        elif isinstance(dim.low, int) and isinstance(dim.high, int):
-            values[name] = trial.suggest_int(name, dim.low, dim.high, step=dim.step or 1, log=dim.log)
+    for name, dist in search_distributions(exp).items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
         else:
-            values[name] = trial.suggest_float(name, dim.low, dim.high, step=dim.step, log=dim.log)
+            values[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
     return override(copy.deepcopy(exp), **values)
+
+
+def check_search_space(study: optuna.Study, exp: Experiment) -> None:
+    """A resumed study must go on sampling the space its trials came from: otherwise TPE fits the
+    new ranges on samples of the old ones and the parent run's ``space.*`` params describe neither."""
+    expected = search_distributions(exp)
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        if trial.distributions:
+            changed = sorted(n for n in expected.keys() | trial.distributions.keys() if expected.get(n) != trial.distributions.get(n))
+            if changed:
+                raise ConfigError(f"study '{study.study_name}' was sampled from a different search space ({', '.join(changed)} "
+                                  "changed); give the new space its own --study name, or restore the experiment's [search.*]")
+            return
 
 
 def finished(trial: FrozenTrial) -> bool:
@@ -301,6 +327,7 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
         study.set_user_attr("experiment", exp.name)
     except Exception as err:
         raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
+    check_search_space(study, exp)
     return study
 
 

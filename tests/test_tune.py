@@ -15,6 +15,7 @@ import torch
 from optuna.trial import TrialState
 
 from bench import config, tracking
+from bench.errors import ConfigError
 from bench.tune import TuneOptions, open_storage, run_study
 from conftest import require_data_dir
 
@@ -105,6 +106,20 @@ def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
     for run in runs_of("bn"):
         if run.data.tags[tracking.TAG_KIND] == "trial":
             assert run.data.tags[tracking.TAG_STATE] == "REJECTED" and run.data.metrics["n_params"] > 50_000
+
+
+def test_resuming_with_a_changed_search_space_is_refused_before_any_trial(store, monkeypatch):
+    exp = tiny_experiment()
+    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)  # over budget: trials are rejected, not trained
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
+    run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))  # same space: resumes
+
+    exp.search["lr"] = config.Dimension("lr", low=0.05, high=0.6, log=True)
+    with pytest.raises(ConfigError, match=r"different search space \(lr changed\).*--study"):
+        run_study(exp, TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
+    assert len(load_study("bn").trials) == 2
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1, study="bn_new_lr"))
+    assert load_study("bn_new_lr").trials[0].distributions["lr"].low == 0.05
 
 
 def test_nan_trial_fails_and_study_goes_on(store):
