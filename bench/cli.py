@@ -211,15 +211,16 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
 @click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="Re-train with seeds 0..N-1 (seeds already done are skipped).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs per run (default: the experiment file's train.epochs).")
 @click.option("--study", help="Study / MLflow experiment name (default: the norm).")
+@click.option("--trial", type=click.IntRange(0), help="Re-train this trial number instead of the best (the runner-up, a smaller model of the Pareto front).")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Override a hyperparameter of the best trial, e.g. --set train_subset=500 for a smoke run.")
 @data_options
 @runtime_options
 @friendly_errors
-def confirm(norm, seeds, epochs, study, assignments, data_dir, download, device, threads, tracking_uri):
+def confirm(norm, seeds, epochs, study, trial, assignments, data_dir, download, device, threads, tracking_uri):
     """Re-train a study's best trial with several seeds, each an MLflow run under the study's parent run."""
     from .confirm import ConfirmOptions, run_confirm
 
-    opts = ConfirmOptions(seeds=seeds, epochs=epochs, study=study, overrides=config_mod.parse_assignments(assignments),
+    opts = ConfirmOptions(seeds=seeds, epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
                           tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
     run_confirm(norm, opts, console)
 

@@ -30,6 +30,7 @@ class ConfirmOptions:
     seeds: int = 5
     epochs: int | None = None  # None: the experiment file's train.epochs
     study: str | None = None  # default: the norm's name
+    trial: int | None = None  # re-train this trial number instead of the best
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. {"train_subset": 500} for a smoke run
     tracking_uri: str | None = None
     data_dir: str | None = None
@@ -89,11 +90,13 @@ class Trainer:
 
 
 def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
-    """Re-train the best trial of ``norm``'s study with seeds 0..seeds-1; returns the new run ids."""
+    """Re-train the best trial of ``norm``'s study (or ``opts.trial``) with seeds 0..seeds-1; returns the new run ids."""
     console = console or Console()
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
     record = records.load_study(norm, opts.study)
+    if opts.trial is not None:
+        record = records.with_trial(record, opts.trial)
     exp = best_experiment(record, opts.epochs, opts.overrides)
     text = recipe(exp, opts.overrides)
     done = finished_keys(record, "confirm", records.TAG_SEED, text)
@@ -130,12 +133,12 @@ def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, c
     return ids
 
 
-def norms_to_run(norm: str, study: str | None) -> list[str]:
+def norms_to_run(norm: str, study: str | None, trial: int | None = None) -> list[str]:
     """``all`` = every norm with a default-named study in MLflow (call after tracking.setup)."""
     if norm != "all":
         return [norm]
-    if study:
-        raise ConfigError("--study names one study; use it with a single --norm")
+    if study or trial is not None:
+        raise ConfigError(f"{'--study' if study else '--trial'} names one study's run; use it with a single --norm")
     found = records.studied_norms()
     if not found:
         raise ConfigError("no studies in MLflow; run `bench tune --norm all` first")
@@ -146,6 +149,6 @@ def run_confirm(norm: str, opts: ConfirmOptions, console: Console | None = None)
     """``bench confirm``: one norm or all studied ones."""
     tracking.setup(opts.tracking_uri)
     start = time.time()
-    ids = [run_id for one in norms_to_run(norm, opts.study) for run_id in confirm(one, opts, console)]
+    ids = [run_id for one in norms_to_run(norm, opts.study, opts.trial) for run_id in confirm(one, opts, console)]
     (console or Console()).print(f"{len(ids)} confirm run(s) in {time.time() - start:.0f}s; `bench report` summarises them")
     return ids

@@ -6,6 +6,7 @@ Runs are found by the ``bench.*`` tags that tune, confirm and report write; noth
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import tracking
 from .config import NORMS
-from .errors import TrackingError
+from .errors import ConfigError, TrackingError
 
 # Tags of confirm and batch-size runs (beside tracking.TAG_*).
 TAG_SOURCE_RUN = "bench.source_run_id"  # the trial run whose configuration was re-trained
@@ -156,3 +157,16 @@ def predictions(run_id: str) -> dict[str, np.ndarray] | None:
 
 def metric(run, key: str) -> float:
     return float(run.data.metrics.get(key, math.nan))
+
+
+def with_trial(record: StudyRecord, number: int) -> StudyRecord:
+    """``record`` with trained trial ``number`` in place of the best, for ``bench confirm --trial``
+    (the runner-up, or a smaller model of the Pareto front); its confirm runs are that trial's."""
+    chosen = [r for r in trained(record.trials) if trial_number(r) == number]
+    if not chosen:
+        numbers = ", ".join(str(n) for n in sorted(trial_number(r) for r in trained(record.trials)))
+        raise ConfigError(f"study '{record.study}' has no trained trial {number}; choose one of {numbers}")
+    picked = dataclasses.replace(record, best=chosen[0])
+    picked.confirms = main_recipe(derived_runs(picked, "confirm"), TAG_SEED)
+    picked.batch_runs = main_recipe(derived_runs(picked, "batch_size"), TAG_BATCH_SIZE)
+    return picked

@@ -100,6 +100,21 @@ def test_confirm_runs_hang_under_the_study_and_resume(studies, no_data):
     assert len(runs("bn", "confirm")) == 2
 
 
+def test_confirm_retrains_a_chosen_trial_instead_of_the_best(studies):
+    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="pick"))  # its own study: the others' counts stay
+    record = records.load_study("bn", "pick")
+    other = next(r for r in records.trained(record.trials) if r.info.run_id != record.best.info.run_id)
+    picked = invoke("confirm", "--norm", "bn", "--study", "pick", "--trial", str(records.trial_number(other)),
+                    "--seeds", "1", "--epochs", "1", "--threads", "1")
+    assert picked.exit_code == 0, picked.output
+    (run,) = runs("pick", "confirm")
+    assert run.data.tags[records.TAG_SOURCE_RUN] == other.info.run_id and run.data.params["lr"] == other.data.params["lr"]
+    assert records.load_study("bn", "pick").confirms == []  # the best trial is still unconfirmed
+    one_line_error(invoke("confirm", "--norm", "bn", "--study", "pick", "--trial", "7"), "no trained trial 7", "choose one of 0, 1")
+    one_line_error(invoke("confirm", "--norm", "all", "--trial", "0"), "--trial", "single --norm")
+
+
 def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies, no_data):
     out = build_report("bn,gn", studies / "reports" / "second")
     text = (out / "report.md").read_text()
