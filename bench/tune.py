@@ -294,10 +294,15 @@ class Objective:
     def _line(self, trial: optuna.Trial, n_params: int, state: str, start: float) -> None:
         values = trial.user_attrs
         val = max((v for v in trial.storage.get_trial(trial._trial_id).intermediate_values.values()), default=math.nan)
+        test = values.get("test_acc", math.nan)
         self.console.print(
-            f"trial {trial.number:>3}  params {n_params:>6,}  val acc {val:.4f}  "
-            f"test acc {values.get('test_acc', math.nan):.4f}  {state}  {time.perf_counter() - start:.0f}s"
+            f"trial {trial.number:>3}  params {n_params:>6,}  val acc {_acc(val)}  test acc {_acc(test)}  {state}  "
+            f"{time.perf_counter() - start:.0f}s"
         )
+
+
+def _acc(value: float) -> str:
+    return "     -" if math.isnan(value) else f"{value:.4f}"
 
 
 def registry_name(study: str) -> str:

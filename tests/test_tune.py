@@ -13,6 +13,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
+from rich.console import Console
 
 from bench import config, tracking
 from bench.errors import ConfigError
@@ -99,7 +100,10 @@ def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
         raise AssertionError("an over-budget trial must not train")
 
     monkeypatch.setattr("bench.tune.train_tracked", no_training)
-    study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+    console = Console(record=True, width=200)
+    study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1), console)
+    lines = [line for line in console.export_text().splitlines() if line.startswith("trial ")]
+    assert len(lines) == 2 and all("REJECTED (over the 50,000 budget" in line and "nan" not in line for line in lines)
     for trial in study.trials:
         assert trial.user_attrs["rejected"] and trial.user_attrs["n_params"] > 50_000
         assert trial.system_attrs["constraints:params_over_budget"] > 0  # the sampler sees the constraint
