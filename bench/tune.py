@@ -624,7 +624,7 @@ def worker_argv(argv: list[str], norm: str) -> list[str]:
 def _describe(dim) -> str:
     if dim.choices is not None:
         return f"choices {dim.choices}"
-    return f"[{dim.low}, {dim.high}]" + (" log" if dim.log else "")
+    return f"[{dim.low}, {dim.high}]" + (f" step {dim.step}" if dim.step else "") + (" log" if dim.log else "")
 
 
 def study_counts(study: optuna.Study) -> dict[str, int]:

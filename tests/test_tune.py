@@ -201,6 +201,7 @@ def test_tiny_architecture_study_runs_end_to_end(store, cifar, monkeypatch):
     assert {t.params["blocks1"] for t in study.trials} <= {1, 2, 3}
 
     parent = next(r for r in runs_of("resnet_bn") if r.data.tags[tracking.TAG_KIND] == "study")
+    assert parent.data.params["space.width1"] == "[8, 24] step 8" and parent.data.params["space.lr"] == "[0.05, 0.6] log"
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.info.run_id, "study")}
     assert {"study/best_trials.md", "study/pareto_params.html"} <= artifacts
     table = mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/study/best_trials.md")
