@@ -21,7 +21,7 @@ def experiment_options(f):
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
         click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
-        click.option("--preset", help="Model preset: seed_bn, seed_gn, resnet."),
+        click.option("--preset", help="Model preset: seed_bn, seed_gn, resnet (shape from width1..3, blocks1..3), resnet_deep, resnet_wide."),
         click.option("--width", type=float, help="Width multiplier on the preset's channels."),
         click.option("--groups", type=int, help="GroupNorm groups."),
         click.option("--dropout", type=float),

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import DROPOUT_AT, NORMS, ModelConfig
+from .config import DROPOUT_AT, NORMS, RESNET_SHAPES, ModelConfig
 from .errors import BudgetError
 
 
@@ -42,7 +42,8 @@ PRESETS = {
     # shared/seeds/001: the "GroupNorm" CNN that uses LayerNorm over (C,H,W), 47,236 parameters
     "seed_gn": SeedTopology(stages=((4, 8), (10, 16, 16), (16, 16, 16)), transitions=(4, 10), default_norm="lnchw"),
 }
-RESIDUAL_PRESETS = ("resnet",)  # shape from the ModelConfig fields; the defaults give 16/32/40, one block per stage
+# resnet: shape from the ModelConfig fields (defaults 16/32/40, one block per stage); the named shapes fix theirs
+RESIDUAL_PRESETS = ("resnet", *RESNET_SHAPES)
 ALL_PRESETS = (*PRESETS, *RESIDUAL_PRESETS)
 
 
@@ -196,8 +197,11 @@ def create_model(
     """Build a model from a named preset; ``norm`` defaults to the preset's own (``bn`` for resnet).
 
     ``arch`` takes the residual fields of ``ModelConfig`` (stem, width1..3, blocks, blocks1..3, dropout_at), so
-    ``create_model(**dataclasses.asdict(model_config))`` works for every preset; seed presets ignore them.
+    ``create_model(**dataclasses.asdict(model_config))`` works for every preset; seed presets ignore them and
+    the named residual shapes (``resnet_deep``, ``resnet_wide``) replace the shape fields with their own.
     """
+    if preset in RESNET_SHAPES:
+        preset, arch = "resnet", {**arch, **RESNET_SHAPES[preset]}
     cfg = ModelConfig(preset=preset, dropout=dropout, width=width, groups=groups, **arch)  # unknown field: TypeError
     if preset in RESIDUAL_PRESETS:
         cfg.norm = norm or "bn"

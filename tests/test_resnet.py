@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.config import ModelConfig, load, override
+from bench.config import RESNET_SHAPES, ModelConfig, load, override
 from bench.errors import BudgetError, ConfigError
 from bench.models import (
     ALL_PRESETS,
@@ -50,6 +50,24 @@ def test_meta_count_equals_real_count_for_every_preset_and_norm(preset, norm):
 def test_meta_count_equals_real_count_for_other_shapes(arch):
     kwargs = {"preset": "resnet", **arch}
     assert count_params_fast(**kwargs) == count_params(create_model(**kwargs))
+
+
+@pytest.mark.parametrize("preset,params,blocks", [("resnet_deep", 37_594, 4), ("resnet_wide", 48_226, 3)])
+def test_named_shapes_fit_the_budget_and_set_their_fields(preset, params, blocks):
+    assert count_params(build_checked(50_000, preset=preset)) == params
+    assert len([m for m in create_model(preset, width1=8).modules() if isinstance(m, BasicBlock)]) == blocks
+    assert count_params(create_model(preset, width1=8)) == params  # the named shape fixes its fields
+
+    exp = override(load(EXPERIMENTS / "resnet_bn.toml"), width3=40, preset=preset)  # order of the names does not matter
+    shape = {k: getattr(exp.model, k) for k in RESNET_SHAPES[preset]}
+    assert exp.model.preset == "resnet" and shape == {**RESNET_SHAPES[preset], "width3": 40}  # a field set beside it wins
+
+
+def test_named_shape_in_an_experiment_file_is_logged_as_its_fields(tmp_path):
+    path = tmp_path / "wide.toml"
+    path.write_text('[model]\npreset = "resnet_wide"\nnorm = "ln"\nblocks2 = 2\n')
+    model = load(path).model
+    assert (model.preset, model.width1, model.width2, model.width3, model.blocks1, model.blocks2) == ("resnet", 24, 32, 32, 0, 2)
 
 
 @pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
