@@ -47,7 +47,7 @@ class ModelConfig:
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
 # ``preset = "resnet"`` with every shape field below (fields set beside it win), so runs log, and
 # ``bench confirm`` re-trains, the real shape.
-RESNET_SHAPE = {"stem": 0, "width1": 16, "width2": 32, "width3": 40, "blocks": 1, "blocks1": 0, "blocks2": 0, "blocks3": 0}
+RESNET_SHAPE = {k: getattr(ModelConfig(), k) for k in ("stem", "width1", "width2", "width3", "blocks", "blocks1", "blocks2", "blocks3")}
 RESNET_SHAPES = {
     # two blocks at 32x32, a narrow last stage: 37,594 params; best trial of the 6-epoch resnet_bn study
     "resnet_deep": {**RESNET_SHAPE, "width3": 24, "blocks1": 2},

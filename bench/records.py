@@ -95,7 +95,11 @@ def load_study(norm: str, study: str | None = None) -> StudyRecord:
     if best is None:
         counts = ", ".join(f"{v} {k}" for k, v in trial_counts(trials).items())
         raise TrackingError(f"study '{name}' has no complete trial yet ({len(trials)} trial runs: {counts}); run `bench tune --norm {norm}` to finish some")
-    record = StudyRecord(norm, name, exp.experiment_id, parents, trials, best)
+    return with_derived_runs(StudyRecord(norm, name, exp.experiment_id, parents, trials, best))
+
+
+def with_derived_runs(record: StudyRecord) -> StudyRecord:
+    """``record`` with the confirm and batch-size runs of its ``best`` trial filled in."""
     record.confirms = main_recipe(derived_runs(record, "confirm"), TAG_SEED)
     record.batch_runs = main_recipe(derived_runs(record, "batch_size"), TAG_BATCH_SIZE)
     return record
@@ -166,7 +170,4 @@ def with_trial(record: StudyRecord, number: int) -> StudyRecord:
     if not chosen:
         numbers = ", ".join(str(n) for n in sorted(trial_number(r) for r in trained(record.trials)))
         raise ConfigError(f"study '{record.study}' has no trained trial {number}; choose one of {numbers}")
-    picked = dataclasses.replace(record, best=chosen[0])
-    picked.confirms = main_recipe(derived_runs(picked, "confirm"), TAG_SEED)
-    picked.batch_runs = main_recipe(derived_runs(picked, "batch_size"), TAG_BATCH_SIZE)
-    return picked
+    return with_derived_runs(dataclasses.replace(record, best=chosen[0]))
