@@ -209,6 +209,7 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
 @cli.command()
 @click.option("--norm", required=True, type=click.Choice((*config_mod.NORMS, "all")), help="Norm whose study to confirm; all = every studied norm.")
 @click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="Re-train with seeds 0..N-1 (seeds already done are skipped).")
+@click.option("--seed", "seed_list", multiple=True, type=click.IntRange(0), help="Re-train with exactly this seed (repeatable) instead of 0..N-1: one confirmation split over cores or machines.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs per run (default: the experiment file's train.epochs).")
 @click.option("--study", help="Study / MLflow experiment name (default: the norm).")
 @click.option("--trial", type=click.IntRange(0), help="Re-train this trial number instead of the best (the runner-up, a smaller model of the Pareto front).")
@@ -216,13 +217,36 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
 @data_options
 @runtime_options
 @friendly_errors
-def confirm(norm, seeds, epochs, study, trial, assignments, data_dir, download, device, threads, tracking_uri):
+def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, data_dir, download, device, threads, tracking_uri):
     """Re-train a study's best trial with several seeds, each an MLflow run under the study's parent run."""
     from .confirm import ConfirmOptions, run_confirm
 
-    opts = ConfirmOptions(seeds=seeds, epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
+    opts = ConfirmOptions(seeds=seeds, seed_list=seed_list, epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
                           tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
     run_confirm(norm, opts, console)
+
+
+@cli.command()
+@click.argument("run_id")
+@click.option("--shift", "shifts", multiple=True, type=int, default=(1, 2), show_default=True,
+              help="Pixel shifts to try with flip-TTA (repeatable).")
+@data_options
+@runtime_options
+@friendly_errors
+def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
+    """Validation and test accuracy of a logged model under each test-time augmentation, no re-training."""
+    from rich.table import Table
+
+    from .rescore import rescore as rescore_run
+
+    scores = rescore_run(run_id, tuple(shifts), data_dir, download, device, threads, tracking_uri)
+    table = Table(title=f"run {run_id}: accuracy by test-time augmentation (choose on val)")
+    for col in ("TTA", "val acc", "test acc"):
+        table.add_column(col, justify="right")
+    for name, accs in scores.items():
+        table.add_row(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}")
+    console.print(table)
+    console.print(f"logged to the run as rescore.val_acc_<TTA> / rescore.test_acc_<TTA>")
 
 
 @cli.command()

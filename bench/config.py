@@ -85,6 +85,7 @@ class TrainConfig:
     eval_batch_size: int = 256  # measured: 1000 is 0.35x of 128 on CPU (activations leave the cache)
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation; 0 = off
     tta_flip: bool = False  # evaluate on the mean logits of each image and its horizontal flip
+    tta_shift: int = 0  # also average over copies shifted diagonally by -N and +N pixels (airbench's translate TTA); 0 = off
 
 
 @dataclass
@@ -294,6 +295,7 @@ def validate(exp: Experiment) -> None:
         ("ema", 0 <= t.ema < 1, "must be in [0, 1) (0 = off, e.g. 0.99)"),
         ("crop_padding", t.crop_padding >= 0, "must be >= 0"),
         ("cutout", 0 <= t.cutout <= 32, "must be in [0, 32]"),
+        ("tta_shift", 0 <= t.tta_shift <= 4, "must be in [0, 4] pixels (0 = off)"),
         ("val_size", 0 <= t.val_size < 50_000, "must be in [0, 50000)"),
         ("train_subset", t.train_subset >= 0, "must be >= 0"),
         ("eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),

@@ -28,6 +28,7 @@ from .train import default_device, resolve_runtime, setup_threads
 @dataclass
 class ConfirmOptions:
     seeds: int = 5
+    seed_list: tuple[int, ...] = ()  # exactly these seeds instead of 0..seeds-1 (one confirmation split across cores or machines)
     epochs: int | None = None  # None: the experiment file's train.epochs
     study: str | None = None  # default: the norm's name
     trial: int | None = None  # re-train this trial number instead of the best
@@ -90,7 +91,8 @@ class Trainer:
 
 
 def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
-    """Re-train the best trial of ``norm``'s study (or ``opts.trial``) with seeds 0..seeds-1; returns the new run ids."""
+    """Re-train the best trial of ``norm``'s study (or ``opts.trial``) with seeds 0..seeds-1 (or
+    ``opts.seed_list``), skipping seeds already finished with the same recipe; returns the new run ids."""
     console = console or Console()
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
@@ -100,7 +102,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     exp = best_experiment(record, opts.epochs, opts.overrides)
     text = recipe(exp, opts.overrides)
     done = finished_keys(record, "confirm", records.TAG_SEED, text)
-    todo = [s for s in range(opts.seeds) if s not in done]
+    todo = [s for s in (sorted(set(opts.seed_list)) or range(opts.seeds)) if s not in done]
     console.print(f"confirm {record.study}: trial {records.trial_number(record.best)} "
                   f"(val acc {records.metric(record.best, 'best_val_acc'):.4f}), {text}; "
                   f"seeds done {sorted(done) or 'none'}, to run {todo or 'none'}")

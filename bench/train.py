@@ -165,24 +165,39 @@ def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Op
         raise DivergedError(f"training loss became {total_loss.item()} by step {step} (lr {lr:.4g}); lower the learning rate")
 
 
+def shifted_copies(x: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` translated by (-shift, -shift) and (+shift, +shift) pixels, borders reflected."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (shift,) * 4, mode="reflect")
+    return padded[..., :h, :w], padded[..., 2 * shift :, 2 * shift :]
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, flip: bool = False, shift: int = 0) -> torch.Tensor:
+    """Logits of ``x``; with ``flip``, averaged with its mirror; with ``shift``, half of that and half
+    the mean over two translated copies (each mirrored too if ``flip``), as airbench weighs them."""
+    logits = model(x).float()
+    if flip:
+        logits = (logits + model(x.flip(3)).float()) / 2
+    if shift:
+        moved = [tta_logits(model, copy, flip) for copy in shifted_copies(x, shift)]
+        logits = (logits + (moved[0] + moved[1]) / 2) / 2
+    return logits
+
+
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (float32, on CPU) for every image of ``split``; with ``tta_flip``, the mean of the
-    logits of each image and its horizontal flip."""
+def predict(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """Logits (float32, on CPU) for every image of ``split``, under the test-time augmentation of ``tta_logits``."""
     model.eval()
     out = []
     for x, _ in eval_batches(split, batch_size, rt.device, memory_format=rt.memory_format):
         with rt.autocast:
-            logits = model(x).float()
-            if tta_flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        out.append(logits.cpu())
+            out.append(tta_logits(model, x, tta_flip, tta_shift).cpu())
     return torch.cat(out) if out else torch.empty(0, 10)
 
 
-def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: Split, rt: Runtime, batch_size: int = 256, tta_flip: bool = False, tta_shift: int = 0) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) on ``split``; NaN for an empty split."""
-    return score(predict(model, split, rt, batch_size, tta_flip), split.labels)
+    return score(predict(model, split, rt, batch_size, tta_flip, tta_shift), split.labels)
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -192,13 +207,23 @@ def score(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     return F.cross_entropy(logits, labels).item(), (logits.argmax(1) == labels).float().mean().item()
 
 
+def tta_suffix(flip: bool, shift: int) -> str:
+    return ("_tta" if flip else "") + (f"_shift{shift}" if shift else "")
+
+
 def test_logits_by_recipe(model: nn.Module, ema: AveragedModel | None, split: Split, rt: Runtime, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Logits of the raw and (if kept) averaged weights, each with and without flip-TTA, keyed
-    raw, raw_tta, ema, ema_tta. Both act only at evaluation, so one trained run gives an exact
-    ablation of each; without either there is nothing to ablate and only the plain pass is made."""
+    """Logits of the raw and (if kept) averaged weights, each without TTA, with flip-TTA and (if
+    asked) with the shift, keyed e.g. raw, raw_tta, raw_tta_shift1, ema, ema_tta. Both act only at
+    evaluation, so one trained run gives an exact ablation of each; without either there is nothing
+    to ablate and only the plain pass is made."""
     models = {"raw": model, **({"ema": ema.module} if ema is not None else {})}
-    flips = (False, True) if ema is not None or cfg.tta_flip else (False,)
-    return {f"{name}{'_tta' if tta else ''}": predict(m, split, rt, cfg.eval_batch_size, tta) for name, m in models.items() for tta in flips}
+    recipes = [(False, 0)]
+    if ema is not None or cfg.tta_flip:
+        recipes.append((True, 0))
+    if cfg.tta_shift:
+        recipes.append((cfg.tta_flip, cfg.tta_shift))
+    return {name + tta_suffix(flip, shift): predict(m, split, rt, cfg.eval_batch_size, flip, shift)
+            for name, m in models.items() for flip, shift in recipes}
 
 
 EpochCallback = Callable[[int, dict[str, float]], Any]
@@ -235,7 +260,7 @@ def fit(
         train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip)
+        val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
         record = {
             "train_loss": train_loss,
             "train_acc": train_acc,
@@ -252,7 +277,7 @@ def fit(
     logits = test_logits_by_recipe(model, ema, data.test, rt, cfg)
     if len(logits) > 1:
         result.recipe_ablation = {f"test_acc_{name}": score(out, data.test.labels)[1] for name, out in logits.items()}
-    test_logits = logits[("ema" if ema is not None else "raw") + ("_tta" if cfg.tta_flip else "")]  # what the config asks for
+    test_logits = logits[("ema" if ema is not None else "raw") + tta_suffix(cfg.tta_flip, cfg.tta_shift)]  # what the config asks for
     if ema is not None:
         model.load_state_dict(ema.module.state_dict())
     result.test_loss, result.test_acc = score(test_logits, data.test.labels)

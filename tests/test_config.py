@@ -119,6 +119,7 @@ def test_section_must_be_a_table():
     ("train", "lr", "-0.1", "lr must be > 0"),
     ("train", "momentum", "1.0", "momentum must be in"),
     ("train", "cutout", "33", "cutout must be in"),
+    ("train", "tta_shift", "5", "tta_shift must be in"),
     ("train", "val_size", "50000", "val_size must be in"),
     ("budget", "max_params", "0", "max_params must be >= 1"),
 ])

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import bench.confirm
 import bench.data
+import bench.rescore
 import bench.run
 import bench.tune
 from bench import config, records, stats, tracking
@@ -174,6 +175,46 @@ def one_line_error(result, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
     for word in words:
         assert word in lines[0]
+
+
+def test_confirm_seed_runs_exactly_the_seeds_given_skipping_finished_ones(studies):
+    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="spread"))  # its own study: the others' counts stay
+    first = invoke("confirm", "--norm", "bn", "--study", "spread", "--seed", "2", "--epochs", "1", "--threads", "1")
+    assert first.exit_code == 0 and "to run [2]" in first.output, first.output
+    second = invoke("confirm", "--norm", "bn", "--study", "spread", "--seed", "3", "--seed", "2", "--epochs", "1", "--threads", "1")
+    assert second.exit_code == 0 and "seeds done [2], to run [3]" in second.output, second.output
+    assert sorted(int(r.data.params["seed"]) for r in runs("spread", "confirm")) == [2, 3]
+    negative = invoke("confirm", "--norm", "bn", "--study", "spread", "--seed", "-1")
+    assert negative.exit_code == 2 and "Invalid value for '--seed': -1 is not in the range x>=0" in negative.output
+
+
+def rescored(run_id: str) -> dict[str, float]:
+    return {k: v for k, v in mlflow.get_run(run_id).data.metrics.items() if k.startswith("rescore.")}
+
+
+def test_rescore_scores_a_logged_model_under_each_tta_on_val_and_test(studies, monkeypatch):
+    tiny = bench.confirm.load_data()  # the fixture's slice
+    monkeypatch.setattr(bench.rescore, "load_cifar10", lambda *args, **kwargs: tiny)
+    run = runs("bn", "confirm")[0]
+    result = invoke("rescore", run.info.run_id, "--shift", "1", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "flip_shift1" in result.output
+    scores = rescored(run.info.run_id)
+    assert set(scores) == {f"rescore.{split}_acc_{name}" for split in ("val", "test") for name in ("none", "flip", "flip_shift1")}
+    # bn.toml evaluates without TTA: the plain pass of the logged model reproduces the run's own test accuracy.
+    assert scores["rescore.test_acc_none"] == pytest.approx(run.data.metrics["test_acc"], abs=1 / len(tiny.test))
+
+
+def test_rescore_errors_name_the_run_and_the_fix(studies, monkeypatch):
+    one_line_error(invoke("rescore", "0" * 32), "no MLflow run", "run id")
+    parent = runs("bn", "study")[0]
+    one_line_error(invoke("rescore", parent.info.run_id), "logged no model")
+    tiny = bench.confirm.load_data()
+    other_copy = CIFAR10(tiny.train, tiny.val, tiny.test, tiny.source, "0" * 16)
+    monkeypatch.setattr(bench.rescore, "load_cifar10", lambda *args, **kwargs: other_copy)
+    one_line_error(invoke("rescore", runs("bn", "confirm")[0].info.run_id), "not the one run", "BENCH_DATA_DIR")
+    assert rescored(parent.info.run_id) == {}
 
 
 def test_missing_study_is_one_line_error(studies, no_data):

@@ -196,7 +196,7 @@ def test_resnet_experiments_load_with_architecture_dimensions(norm):
     assert {"lr", "dropout", "weight_decay", "label_smoothing", "width1", "width2", "width3", "blocks1", "blocks2"} <= set(exp.search)
     assert ("groups" in exp.search) == (norm == "gn")
     assert count_params_fast(**vars(exp.model)) == DEFAULT_PARAMS
-    assert (exp.train.ema, exp.train.tta_flip) == (0.0, True)  # measured: TTA kept, EMA not
+    assert (exp.train.ema, exp.train.tta_flip, exp.train.tta_shift) == (0.0, True, 1)  # measured: flip and shift TTA kept, EMA not
 
 
 ARCH = ("width1", "width2", "width3", "blocks1", "blocks2")

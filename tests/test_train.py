@@ -21,6 +21,7 @@ from bench.train import (
     fit,
     predict,
     resolve_runtime,
+    shifted_copies,
 )
 
 TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
@@ -351,3 +352,49 @@ def test_optimizer_steps_with_one_fused_kernel_on_cpu_and_skips_decay_on_norms()
         decay, no_decay = optimizer.param_groups
         assert decay["weight_decay"] == cfg.weight_decay and no_decay["weight_decay"] == 0.0
         assert all(p.ndim == 1 for p in no_decay["params"])
+
+
+def shift_uint8(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``images`` moved so that pixel (i, j) shows (i + dy, j + dx), borders reflected."""
+    padded = nn.functional.pad(images.float(), (1, 1, 1, 1), mode="reflect").to(torch.uint8)
+    h, w = images.shape[-2:]
+    return padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]
+
+
+def test_shifted_copies_translate_with_reflected_borders():
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6)
+    up_left, down_right = shifted_copies(x, 1)
+    assert torch.equal(up_left[..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(down_right[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(up_left[..., 0, 1:], x[..., 1, :-1])  # the row above the image mirrors row 1
+    assert torch.equal(down_right[..., -1, :-1], x[..., -2, 1:])  # and the row below mirrors the second last
+
+
+def test_tta_shift_halves_flip_tta_with_the_mean_of_two_translations():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (40, 3, 32, 32), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(40) % 10
+    model = new_model(preset="resnet", width1=8, width2=8, width3=8)
+    rt = resolve_runtime(cfg(precision="fp32"), "bn", torch.device("cpu"))
+
+    def flip_tta(imgs):
+        return predict(model, Split(imgs, labels), rt, batch_size=16, tta_flip=True)
+
+    expected = (flip_tta(images) + (flip_tta(shift_uint8(images, -1, -1)) + flip_tta(shift_uint8(images, 1, 1))) / 2) / 2
+    shifted = predict(model, Split(images, labels), rt, batch_size=16, tta_flip=True, tta_shift=1)
+    assert torch.allclose(shifted, expected, atol=1e-5)
+    assert not torch.allclose(shifted, flip_tta(images), atol=1e-3)
+    no_flip = predict(model, Split(images, labels), rt, batch_size=16, tta_shift=1)
+    plain = lambda imgs: predict(model, Split(imgs, labels), rt, batch_size=16)  # noqa: E731
+    assert torch.allclose(no_flip, (plain(images) + (plain(shift_uint8(images, -1, -1)) + plain(shift_uint8(images, 1, 1))) / 2) / 2, atol=1e-5)
+
+
+def test_fit_scores_the_test_set_with_the_shift_and_ablates_it(small_cifar):
+    data = tiny(small_cifar, n_train=256, n_val=100, n_test=200)
+    config = cfg(batch_size=64, tta_flip=True, tta_shift=1, precision="fp32")
+    rt = resolve_runtime(config, "bn")
+    model = new_model()
+    result = fit(model, data, config, rt)
+    assert set(result.recipe_ablation) == {"test_acc_raw", "test_acc_raw_tta", "test_acc_raw_tta_shift1"}
+    assert result.test_acc == result.recipe_ablation["test_acc_raw_tta_shift1"]
+    assert result.test_loss == pytest.approx(evaluate(model, data.test, rt, tta_flip=True, tta_shift=1)[0])
+    assert result.history[0]["val_acc"] == pytest.approx(evaluate(model, data.val, rt, tta_flip=True, tta_shift=1)[1])
