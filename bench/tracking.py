@@ -205,6 +205,16 @@ def find_trial_run(study: str, trial_number: int) -> str | None:
     return runs[0].info.run_id if runs else None
 
 
+def run_params(run_id: str) -> dict[str, str]:
+    """The params a run logged; empty if the run is gone from this tracking store."""
+    import mlflow
+
+    try:
+        return dict(mlflow.MlflowClient().get_run(run_id).data.params)
+    except mlflow.exceptions.MlflowException:
+        return {}
+
+
 def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
     import mlflow
 

@@ -158,6 +158,57 @@ def check_search_space(study: optuna.Study, exp: Experiment) -> None:
             return
 
 
+def trial_epochs(exp: Experiment, opts: TuneOptions) -> int:
+    return opts.epochs or exp.tune.epochs or exp.train.epochs
+
+
+def as_trial(exp: Experiment, epochs: int) -> Experiment:
+    """``exp`` as a trial trains it: the tuning epochs, on the tuning subset unless train_subset is set."""
+    exp.train.epochs = epochs
+    if exp.tune.train_subset and not exp.train.train_subset:
+        exp.train.train_subset = exp.tune.train_subset
+    return exp
+
+
+NOT_IN_RECIPE = {"eval_batch_size"}  # changes speed, not results
+
+
+def fixed_recipe(exp: Experiment, epochs: int) -> dict[str, str]:
+    """What every trial of the study shares: the settings that are not searched, as trials run them."""
+    trial_exp = as_trial(copy.deepcopy(exp), epochs)
+    values = {**trial_exp.hyperparameters(), "max_params": exp.budget.max_params}
+    return {k: str(v) for k, v in sorted(values.items()) if k not in exp.search and k not in NOT_IN_RECIPE}
+
+
+def recorded_recipe(study: optuna.Study) -> dict[str, str] | None:
+    """The study's fixed settings: its record, or for a study older than the record, the params
+    its last trial logged to MLflow; None for a new study."""
+    if study.user_attrs.get("fixed_recipe"):
+        return study.user_attrs["fixed_recipe"]
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        if trial.user_attrs.get("mlflow_run_id") and not trial.user_attrs.get("rejected"):  # rejected trials log no training params
+            return tracking.run_params(trial.user_attrs["mlflow_run_id"]) or None
+    return None
+
+
+def check_fixed_recipe(study: optuna.Study, exp: Experiment, epochs: int) -> None:
+    """A resumed study must train new trials as it trained the old ones: a changed fixed setting
+    (epochs, TTA, weight decay ...) moves the objective, and TPE and the pruner would rank trials
+    that measured different things."""
+    current = fixed_recipe(exp, epochs)
+    recorded = recorded_recipe(study)
+    if recorded is None:
+        study.set_user_attr("fixed_recipe", current)
+        return
+    defaults = {k: str(v) for k, v in Experiment().hyperparameters().items()}  # settings added since the study began
+    changed = [f"{k} {recorded.get(k, defaults.get(k))} -> {v}" for k, v in current.items() if recorded.get(k, defaults.get(k)) != v]
+    if changed:
+        raise ConfigError(f"study '{study.study_name}' ran its trials with other fixed settings ({'; '.join(changed)}); "
+                          "give the new settings their own --study name, or set the old values back")
+    if not study.user_attrs.get("fixed_recipe"):
+        study.set_user_attr("fixed_recipe", current)
+
+
 def finished(trial: FrozenTrial) -> bool:
     """Counts toward the study's total: complete (incl. rejected), pruned and diverged trials; not
     running ones, nor those interrupted or killed (they are re-queued)."""
@@ -223,10 +274,7 @@ class Objective:
             trial.study.stop()
             self.console.print(f"trial {trial.number:>3}  not run: other workers filled the study's {self.target} trials")
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.target}")
-        exp = suggest(trial, self.exp)
-        exp.train.epochs = self.epochs
-        if exp.tune.train_subset and not exp.train.train_subset:
-            exp.train.train_subset = exp.tune.train_subset
+        exp = as_trial(suggest(trial, self.exp), self.epochs)
         n_params = count_params_fast(**vars(exp.model))
         trial.set_user_attr("n_params", n_params)
         trial.set_user_attr("worker", worker_id())
@@ -333,6 +381,7 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
     except Exception as err:
         raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
     check_search_space(study, exp)
+    check_fixed_recipe(study, exp, trial_epochs(exp, opts))
     return study
 
 
@@ -347,7 +396,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     study's total and its MLflow parent run.
     """
     console = console or Console()
-    epochs = opts.epochs or exp.tune.epochs or exp.train.epochs
+    epochs = trial_epochs(exp, opts)
     setup_threads(opts.threads)
     uri = tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 import signal
 import subprocess
@@ -124,6 +126,31 @@ def test_resuming_with_a_changed_search_space_is_refused_before_any_trial(store,
     assert len(load_study("bn").trials) == 2
     run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1, study="bn_new_lr"))
     assert load_study("bn_new_lr").trials[0].distributions["lr"].low == 0.05
+
+
+def test_resuming_with_changed_fixed_settings_is_refused_before_any_trial(store):
+    exp = tiny_experiment()
+    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)  # over budget: trials are rejected, not trained
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
+    assert load_study("bn").user_attrs["fixed_recipe"]["tta_shift"] == "0"
+    faster = config.override(copy.deepcopy(exp), eval_batch_size=123)  # speed only: resumes
+    run_study(faster, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+
+    with pytest.raises(ConfigError, match=r"other fixed settings \(tta_shift 0 -> 1\).*--study"):
+        run_study(config.override(copy.deepcopy(exp), tta_shift=1), TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
+    with pytest.raises(ConfigError, match=r"epochs 1 -> 2"):
+        run_study(exp, TuneOptions(trials=3, epochs=2, data_dir=data_dir(), threads=1))
+    assert len(load_study("bn").trials) == 2
+
+
+def test_a_study_older_than_the_record_is_checked_against_its_last_trained_trial(store):
+    exp = tiny_experiment()
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
+    load_study("bn").set_user_attr("fixed_recipe", None)  # as a study from before the record
+    with pytest.raises(ConfigError, match=r"label_smoothing 0.0 -> 0.1"):
+        run_study(config.override(copy.deepcopy(exp), label_smoothing=0.1), TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))  # unchanged: accepted and recorded
+    assert load_study("bn").user_attrs["fixed_recipe"]["label_smoothing"] == "0.0"
 
 
 def test_nan_trial_fails_and_study_goes_on(store):
