@@ -139,16 +139,13 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
     """
     from .tune import TuneOptions, auto_jobs, run_study, run_workers, worker_argv
 
-    if jobs != "auto" and not jobs.isdigit() or jobs == "0":
-        raise config_mod.ConfigError(f"--jobs {jobs!r}: expected a positive integer or auto")
-
     norms = config_mod.STUDY_NORMS if norm == "all" else (norm,)
     for one in norms:
         exp = load_experiment(experiment_file, one, assignments, **values)
         opts = TuneOptions(trials=trials, more=more, epochs=tune_epochs or epochs, study=study if len(norms) == 1 else None,
                            storage=storage, timeout=timeout, seed=seed or 0, pruner=pruner, tracking_uri=tracking_uri,
                            data_dir=data_dir, download=download, threads=threads, device=device)
-        n_jobs = auto_jobs(opts) if jobs == "auto" else int(jobs)
+        n_jobs = parse_jobs(jobs) or auto_jobs(opts)
         if n_jobs > 1:
             run_workers(exp, opts, worker_argv(sys.argv[2:], exp.model.norm), n_jobs, console)
         else:
@@ -214,14 +211,16 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
 @click.option("--study", help="Study / MLflow experiment name (default: the norm).")
 @click.option("--trial", type=click.IntRange(0), help="Re-train this trial number instead of the best (the runner-up, a smaller model of the Pareto front).")
 @click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Override a hyperparameter of the best trial, e.g. --set train_subset=500 for a smoke run.")
+@click.option("--jobs", default="1", show_default=True, help="Local worker processes the seeds are dealt out to (an integer, or auto: one per core).")
 @data_options
 @runtime_options
 @friendly_errors
-def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, data_dir, download, device, threads, tracking_uri):
+def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, jobs, data_dir, download, device, threads, tracking_uri):
     """Re-train a study's best trial with several seeds, each an MLflow run under the study's parent run."""
     from .confirm import ConfirmOptions, run_confirm
+    from .workers import auto_jobs
 
-    opts = ConfirmOptions(seeds=seeds, seed_list=seed_list, epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
+    opts = ConfirmOptions(seeds=seeds, seed_list=seed_list, jobs=parse_jobs(jobs) or auto_jobs(device, threads), epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
                           tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
     run_confirm(norm, opts, console)
 
@@ -265,6 +264,15 @@ def report(norms, out, batch_sizes, epochs, data_dir, download, device, threads,
     sizes = parse_batch_sizes(batch_sizes)
     opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
     run_report(norms, out, sizes, opts, console)
+
+
+def parse_jobs(text: str) -> int:
+    """``--jobs``: a positive integer, or auto (resolved by the caller, returned as 0)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or text == "0" or int(text) < 1:
+        raise config_mod.ConfigError(f"--jobs {text!r}: expected a positive integer or auto")
+    return int(text)
 
 
 def parse_batch_sizes(text: str | None) -> list[int]:

@@ -10,6 +10,7 @@ batch sizes already finished with the same recipe, so an interrupted confirmatio
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +18,9 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from . import records, tracking
+from . import records, tracking, workers
 from .config import Experiment, find_experiment, hyperparameter_types, load, override
-from .errors import ConfigError
+from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
 from .train import default_device, resolve_runtime, setup_threads
@@ -38,6 +39,7 @@ class ConfirmOptions:
     download: bool = False
     threads: int | None = None
     device: str | None = None
+    jobs: int = 1  # local worker processes, the seeds dealt out among them
 
 
 def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
@@ -92,7 +94,8 @@ class Trainer:
 
 def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
     """Re-train the best trial of ``norm``'s study (or ``opts.trial``) with seeds 0..seeds-1 (or
-    ``opts.seed_list``), skipping seeds already finished with the same recipe; returns the new run ids."""
+    ``opts.seed_list``), skipping seeds already finished with the same recipe; returns the new run
+    ids. With ``opts.jobs`` > 1 the seeds are dealt out to that many ``bench confirm`` processes."""
     console = console or Console()
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
@@ -106,9 +109,38 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     console.print(f"confirm {record.study}: trial {records.trial_number(record.best)} "
                   f"(val acc {records.metric(record.best, 'best_val_acc'):.4f}), {text}; "
                   f"seeds done {sorted(done) or 'none'}, to run {todo or 'none'}")
+    if opts.jobs > 1 and len(todo) > 1:
+        return confirm_in_workers(norm, record, todo, text, opts, console)
     trainer = Trainer(opts, console)
     return [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
                           {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
+
+
+def worker_command(norm: str, opts: ConfirmOptions, seeds: list[int], threads: int) -> list[str]:
+    """``bench confirm`` for exactly ``seeds`` of this confirmation, single process."""
+    args = [sys.executable, "-m", "bench.cli", "confirm", "--norm", norm, "--jobs", "1", "--threads", str(threads)]
+    for flag, value in (("--study", opts.study), ("--trial", opts.trial), ("--epochs", opts.epochs), ("--data-dir", opts.data_dir),
+                        ("--device", opts.device), ("--tracking-uri", opts.tracking_uri)):
+        if value is not None:
+            args += [flag, str(value)]
+    args += [arg for key, value in opts.overrides.items() for arg in ("--set", f"{key}={value}")]
+    args += ["--download"] if opts.download else []
+    return args + [arg for seed in seeds for arg in ("--seed", str(seed))]
+
+
+def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: str, opts: ConfirmOptions, console: Console) -> list[str]:
+    jobs = min(opts.jobs, len(todo))
+    threads = workers.threads_per_worker(jobs, opts.threads)
+    shares = [todo[i::jobs] for i in range(jobs)]
+    console.print(f"starting {jobs} workers x {threads} thread(s): seeds {' / '.join(map(str, shares))}")
+    codes, interrupted = workers.run_all([worker_command(norm, opts, share, threads) for share in shares])
+    if interrupted:
+        raise KeyboardInterrupt
+    if any(codes):
+        raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} confirm workers failed (exit codes {codes}); "
+                            "finished seeds are kept, re-run the same command to resume")
+    finished = records.derived_runs(record, "confirm")
+    return [r.info.run_id for r in finished if r.data.tags.get(records.TAG_RECIPE) == text and int(r.data.tags.get(records.TAG_SEED, -1)) in todo]
 
 
 def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, console: Console | None = None) -> list[str]:

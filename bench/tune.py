@@ -13,7 +13,6 @@ import math
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import warnings
@@ -27,7 +26,7 @@ from rich.console import Console
 from rich.table import Table
 import torch
 
-from . import tracking
+from . import tracking, workers
 from .config import Experiment, override
 from .errors import BenchError, ConfigError, DivergedError, TrackingError
 from .models import count_params_fast
@@ -595,11 +594,8 @@ def on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
 def auto_jobs(opts: TuneOptions) -> int:
     """``--jobs auto``: one single-threaded worker per core. Measured on 2 cores (README, "Parallel
     and distributed studies"): 2 workers x 1 thread trained 1.54x the images/s of 1 worker x 2
-    threads, since these small convolutions scale poorly across threads. One worker where workers
-    cannot share the study (SQLite) or would share one GPU."""
-    if (opts.storage or "").startswith("sqlite") or (opts.device or default_device().type) != "cpu":
-        return 1
-    return max(1, opts.threads or len(os.sched_getaffinity(0)))
+    threads. One worker where workers cannot share the study (SQLite) or would share one GPU."""
+    return workers.auto_jobs(opts.device, opts.threads, shareable=not (opts.storage or "").startswith("sqlite"))
 
 
 def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs: int, console: Console | None = None) -> None:
@@ -612,27 +608,13 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
     done, target = study_target(study, exp, opts)
     parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.jobs": jobs})
-    threads = max(1, (opts.threads or len(os.sched_getaffinity(0))) // jobs)
+    threads = workers.threads_per_worker(jobs, opts.threads)
     # The total is fixed here: with --more, workers starting at different moments would each add N.
     cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]
     console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished)")
-    start, status = time.time(), "FINISHED"
-    workers = [subprocess.Popen(cmd, env={**os.environ, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)})
-               for i in range(jobs)]
-
-    def forward_sigterm(signum, frame):  # SIGINT from a terminal reaches the workers by itself; SIGTERM does not
-        for w in workers:
-            if w.poll() is None:
-                w.send_signal(signal.SIGTERM)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, forward_sigterm)
-    try:
-        codes = [w.wait() for w in workers]
-    except KeyboardInterrupt:  # the workers got the same signal; let them mark their trials
-        codes, status = [w.wait() for w in workers], "KILLED"
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    start = time.time()
+    codes, interrupted = workers.run_all([cmd] * jobs, [{**os.environ, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])
+    status = "KILLED" if interrupted else "FINISHED"
     recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
     done = finished_count(study)
     if status == "FINISHED" and any(codes):

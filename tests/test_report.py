@@ -189,6 +189,29 @@ def test_confirm_seed_runs_exactly_the_seeds_given_skipping_finished_ones(studie
     assert negative.exit_code == 2 and "Invalid value for '--seed': -1 is not in the range x>=0" in negative.output
 
 
+def test_confirm_jobs_deals_the_seeds_out_to_worker_processes(studies, cifar_dir):
+    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
+    run_study(exp, TuneOptions(trials=1, epochs=1, threads=1, study="parallel"))
+    args = ("confirm", "--norm", "bn", "--study", "parallel", "--seeds", "3", "--jobs", "2", "--epochs", "1",
+            "--set", "train_subset=300", "--set", "val_size=200", "--data-dir", str(cifar_dir))
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "starting 2 workers x 1 thread(s): seeds [0, 2] / [1]" in result.output and "3 confirm run(s)" in result.output
+    confirms = runs("parallel", "confirm")
+    assert sorted(int(r.data.params["seed"]) for r in confirms) == [0, 1, 2]
+    assert {r.data.tags[records.TAG_RECIPE] for r in confirms} == {"epochs=1 train_subset=300 val_size=200"}
+    again = invoke(*args)
+    assert again.exit_code == 0 and "to run none" in again.output and "starting" not in again.output
+
+    failing = invoke(*args, "--set", "lr=1e12")  # every worker diverges and says so on its own line
+    last = failing.output.strip().splitlines()[-1]
+    assert failing.exit_code == 2 and "Traceback" not in failing.output
+    assert last.startswith("error: 2 of 2 confirm workers failed (exit codes [2, 2])") and "re-run" in last
+    statuses = sorted(r.info.status for r in runs("parallel", "confirm"))
+    assert statuses == ["FAILED"] * 2 + ["FINISHED"] * 3  # one failed run per worker, recorded; the finished seeds kept
+    one_line_error(invoke(*args[:8], "0"), "--jobs '0'")
+
+
 def rescored(run_id: str) -> dict[str, float]:
     return {k: v for k, v in mlflow.get_run(run_id).data.metrics.items() if k.startswith("rescore.")}
 
