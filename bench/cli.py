@@ -220,8 +220,9 @@ def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, jobs, dat
     from .confirm import ConfirmOptions, run_confirm
     from .workers import auto_jobs
 
-    opts = ConfirmOptions(seeds=seeds, seed_list=seed_list, jobs=parse_jobs(jobs) or auto_jobs(device, threads), epochs=epochs, study=study, trial=trial, overrides=config_mod.parse_assignments(assignments),
-                          tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
+    opts = ConfirmOptions(seeds=seeds, seed_list=seed_list, jobs=parse_jobs(jobs) or auto_jobs(device, threads), epochs=epochs,
+                          study=study, trial=trial, overrides=config_mod.parse_assignments(assignments), tracking_uri=tracking_uri,
+                          data_dir=data_dir, download=download, threads=threads, device=device)
     run_confirm(norm, opts, console)
 
 
@@ -245,7 +246,7 @@ def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
     for name, accs in scores.items():
         table.add_row(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}")
     console.print(table)
-    console.print(f"logged to the run as rescore.val_acc_<TTA> / rescore.test_acc_<TTA>")
+    console.print("logged to the run as rescore.val_acc_<TTA> / rescore.test_acc_<TTA>")
 
 
 @cli.command()

@@ -179,7 +179,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, flip: bool = False, shift: int
     if flip:
         logits = (logits + model(x.flip(3)).float()) / 2
     if shift:
-        moved = [tta_logits(model, copy, flip) for copy in shifted_copies(x, shift)]
+        moved = [tta_logits(model, view, flip) for view in shifted_copies(x, shift)]
         logits = (logits + (moved[0] + moved[1]) / 2) / 2
     return logits
 
