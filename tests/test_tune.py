@@ -260,3 +260,22 @@ def test_median_pruner_waits_for_trained_trials_not_rejected_ones():
     for acc in (0.55, 0.5, 0.45, 0.4):
         study.add_trial(optuna.trial.create_trial(value=acc, intermediate_values={3: acc}))
     assert trial.should_prune()  # five trained trials at epoch 3, all above 0.2
+
+
+def test_workers_get_sigterm_forwarded_and_the_launcher_reports_the_interrupt(tmp_path):
+    """SIGTERM to the launcher (a scheduler stopping the job) must reach every worker, so each can
+    record its trial or seed before exiting; the launcher then reports the interrupt."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(
+        "import sys\n"
+        "from bench.workers import run_all\n"
+        "child = [sys.executable, '-c', 'import signal, sys, time; "
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); print(\"ready\", flush=True); time.sleep(60)']\n"
+        "codes, interrupted = run_all([child, child])\n"
+        "print('codes', codes, 'interrupted', interrupted, flush=True)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(launcher)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert [proc.stdout.readline().strip() for _ in range(2)] == ["ready", "ready"]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and "codes [7, 7] interrupted True" in out
