@@ -271,7 +271,7 @@ def parse_jobs(text: str) -> int:
     """``--jobs``: a positive integer, or auto (resolved by the caller, returned as 0)."""
     if text == "auto":
         return 0
-    if not text.isdigit() or text == "0" or int(text) < 1:
+    if not text.isdigit() or int(text) < 1:
         raise config_mod.ConfigError(f"--jobs {text!r}: expected a positive integer or auto")
     return int(text)
 

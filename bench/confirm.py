@@ -58,9 +58,14 @@ def recipe(exp: Experiment, overrides: dict[str, Any]) -> str:
     return " ".join([f"epochs={exp.train.epochs}", *(f"{k}={v}" for k, v in sorted(overrides.items()))])
 
 
-def finished_keys(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> set[int]:
+def finished_runs(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> dict[int, Any]:
+    """Finished runs of ``kind`` with this recipe, by their key (seed or batch size)."""
     runs = records.derived_runs(record, kind)
-    return {int(r.data.tags[key_tag]) for r in runs if r.data.tags.get(records.TAG_RECIPE) == recipe_text and key_tag in r.data.tags}
+    return {int(r.data.tags[key_tag]): r for r in runs if r.data.tags.get(records.TAG_RECIPE) == recipe_text and key_tag in r.data.tags}
+
+
+def finished_keys(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> set[int]:
+    return set(finished_runs(record, kind, key_tag, recipe_text))
 
 
 class Trainer:
@@ -139,8 +144,8 @@ def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: st
     if any(codes):
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} confirm workers failed (exit codes {codes}); "
                             "finished seeds are kept, re-run the same command to resume")
-    finished = records.derived_runs(record, "confirm")
-    return [r.info.run_id for r in finished if r.data.tags.get(records.TAG_RECIPE) == text and int(r.data.tags.get(records.TAG_SEED, -1)) in todo]
+    finished = finished_runs(record, "confirm", records.TAG_SEED, text)
+    return [finished[seed].info.run_id for seed in todo if seed in finished]
 
 
 def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, console: Console | None = None) -> list[str]:

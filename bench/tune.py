@@ -179,11 +179,9 @@ def fixed_recipe(exp: Experiment, epochs: int) -> dict[str, str]:
     return {k: str(v) for k, v in sorted(values.items()) if k not in exp.search and k not in NOT_IN_RECIPE}
 
 
-def recorded_recipe(study: optuna.Study) -> dict[str, str] | None:
-    """The study's fixed settings: its record, or for a study older than the record, the params
-    its last trial logged to MLflow; None for a new study."""
-    if study.user_attrs.get("fixed_recipe"):
-        return study.user_attrs["fixed_recipe"]
+def last_trial_params(study: optuna.Study) -> dict[str, str] | None:
+    """What the study's last trained trial logged to MLflow: the fixed settings of a study older
+    than its ``fixed_recipe`` record; None if it has no such trial."""
     for trial in reversed(study.get_trials(deepcopy=False)):
         if trial.user_attrs.get("mlflow_run_id") and not trial.user_attrs.get("rejected"):  # rejected trials log no training params
             return tracking.run_params(trial.user_attrs["mlflow_run_id"]) or None
@@ -193,18 +191,17 @@ def recorded_recipe(study: optuna.Study) -> dict[str, str] | None:
 def check_fixed_recipe(study: optuna.Study, exp: Experiment, epochs: int) -> None:
     """A resumed study must train new trials as it trained the old ones: a changed fixed setting
     (epochs, TTA, weight decay ...) moves the objective, and TPE and the pruner would rank trials
-    that measured different things."""
+    that measured different things. The settings are recorded on the study the first time."""
     current = fixed_recipe(exp, epochs)
-    recorded = recorded_recipe(study)
-    if recorded is None:
-        study.set_user_attr("fixed_recipe", current)
-        return
-    defaults = {k: str(v) for k, v in Experiment().hyperparameters().items()}  # settings added since the study began
-    changed = [f"{k} {recorded.get(k, defaults.get(k))} -> {v}" for k, v in current.items() if recorded.get(k, defaults.get(k)) != v]
-    if changed:
-        raise ConfigError(f"study '{study.study_name}' ran its trials with other fixed settings ({'; '.join(changed)}); "
-                          "give the new settings their own --study name, or set the old values back")
-    if not study.user_attrs.get("fixed_recipe"):
+    stamped = study.user_attrs.get("fixed_recipe")
+    recorded = stamped or last_trial_params(study)
+    if recorded:
+        defaults = {k: str(v) for k, v in Experiment().hyperparameters().items()}  # settings added since the study began
+        changed = [f"{k} {recorded.get(k, defaults.get(k))} -> {v}" for k, v in current.items() if recorded.get(k, defaults.get(k)) != v]
+        if changed:
+            raise ConfigError(f"study '{study.study_name}' ran its trials with other fixed settings ({'; '.join(changed)}); "
+                              "give the new settings their own --study name, or set the old values back")
+    if not stamped:
         study.set_user_attr("fixed_recipe", current)
 
 
