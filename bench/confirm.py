@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from . import records, tracking, workers
+from . import interrupt, records, tracking, workers
 from .config import Experiment, find_experiment, hyperparameter_types, load, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
@@ -117,8 +117,9 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     if opts.jobs > 1 and len(todo) > 1:
         return confirm_in_workers(norm, record, todo, text, opts, console)
     trainer = Trainer(opts, console)
-    return [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
-                          {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
+    with interrupt.deferred():  # SIGTERM too ends the seed's run as KILLED instead of leaving it RUNNING
+        return [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
+                              {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
 
 
 def worker_command(norm: str, opts: ConfirmOptions, seeds: list[int], threads: int) -> list[str]:

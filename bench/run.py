@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import tracking
+from . import interrupt, tracking
 from .config import Experiment
 from .data import CIFAR10, load_cifar10
 from .models import build_checked, count_params
@@ -148,7 +148,7 @@ def run_training(
     uri = tracking.setup(tracking_uri or None) if track else None
     data = load_data(exp, data_dir, download)
     console.print(f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test); {rt.describe()}")
-    with tracking.run("train", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", "train") if track else contextlib.nullcontext() as active:
+    with interrupt.deferred(), tracking.run("train", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", "train") if track else contextlib.nullcontext() as active:
         model, result = train_tracked(exp, data, rt, console=console, track=track)
     console.print(result_table(exp, result, count_params(model)))
     if track:

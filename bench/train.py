@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from . import interrupt
 from .config import TrainConfig
 from .data import CIFAR10, Split, eval_batches, train_batches
 
@@ -139,6 +140,7 @@ def train_one_epoch(
         memory_format=rt.memory_format,
     )
     for step, (x, y) in enumerate(batches, 1):
+        interrupt.check()
         with rt.autocast:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)

@@ -11,7 +11,6 @@ import copy
 import inspect
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -26,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 import torch
 
-from . import tracking, workers
+from . import interrupt, tracking, workers
 from .config import Experiment, override
 from .errors import BenchError, ConfigError, DivergedError, TrackingError
 from .models import count_params_fast
@@ -358,10 +357,6 @@ def registry_name(study: str) -> str:
 # ---------------------------------------------------------------- running a study
 
 
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
     if not exp.search:
         raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
@@ -419,17 +414,18 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         study.sampler.reseed_rng()
     objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target)
     status = "FINISHED"
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     start = time.time()
     deadline = start + opts.timeout if opts.timeout else None
     try:
-        to_run = target - done
-        while to_run > 0:
-            study.optimize(objective, n_trials=to_run, timeout=deadline - time.time() if deadline else None,
-                           catch=(DivergedError, SurplusTrial), callbacks=[StopAtTarget(target)])
-            if deadline and time.time() >= deadline:
-                break
-            to_run = wait_for_others(study, target, console)
+        with interrupt.deferred():
+            to_run = target - done
+            while to_run > 0:
+                study.optimize(objective, n_trials=to_run, timeout=deadline - time.time() if deadline else None,
+                               catch=(DivergedError, SurplusTrial), callbacks=[StopAtTarget(target)])
+                interrupt.check()
+                if deadline and time.time() >= deadline:
+                    break
+                to_run = wait_for_others(study, target, console)
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -441,7 +437,6 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         raise TrackingError(f"lost the study's storage or tracking store ({type(err).__name__}: {tracking.mask_url(str(err))[:200]}); "
                             "finished trials are kept, re-run the same command once it is back") from None
     finally:
-        signal.signal(signal.SIGTERM, previous)
         if not os.environ.get("BENCH_PARENT_RUN_ID"):
             finish_parent(study, parent_id, status, time.time() - start, console)
     console.print(best_table(study))
@@ -463,13 +458,14 @@ def open_study_parent(study: optuna.Study, exp: Experiment, opts: TuneOptions, t
 
 
 class StopAtTarget:
-    """Stop this worker once finished plus other workers' running trials reach the study's total."""
+    """Stop this worker once finished plus other workers' running trials reach the study's total,
+    or once Ctrl-C / SIGTERM asked it to stop."""
 
     def __init__(self, target: int):
         self.target = target
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        if sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.target:
+        if interrupt.requested() or sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.target:
             study.stop()
 
 
@@ -480,6 +476,7 @@ def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
     (0: the study has its total)."""
     announced = False
     while True:
+        interrupt.check()
         if heartbeat_enabled(study):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -496,7 +493,7 @@ def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
         if not announced:
             console.print(f"waiting for {running} running trial(s) of other workers (a dead worker's trial is re-run here)")
             announced = True
-        time.sleep(HEARTBEAT_SECONDS)
+        interrupt.sleep(HEARTBEAT_SECONDS)
 
 
 def heartbeat_enabled(study: optuna.Study) -> bool:
