@@ -250,21 +250,25 @@ def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
 
 
 @cli.command()
-@click.option("--norms", help="Comma-separated norms, NORM=STUDY for a non-default study name (default: every studied norm).")
+@click.option("--norms", help="Comma-separated norms, NORM=STUDY for a non-default study name, NORM=STUDY@TRIAL for a "
+              "trial other than the best (default: every studied norm).")
+@click.option("--tta", type=click.Choice(config_mod.tta_names()), help="Compare test accuracies under this test-time augmentation "
+              "(from `bench rescore` or the runs' own ablation) instead of as each run was trained.")
+@click.option("--confirm-epochs", type=click.IntRange(1), help="Compare only the confirm runs trained for this many epochs.")
 @click.option("--out", type=click.Path(file_okay=False), help="Report folder (default: reports/<timestamp>).")
 @click.option("--batch-sizes", help="Also train each norm's best configuration at these batch sizes (e.g. 16,64,256; lr scaled linearly).")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs of the --batch-sizes runs (default: the experiment file's train.epochs).")
 @data_options
 @runtime_options
 @friendly_errors
-def report(norms, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
+def report(norms, tta, confirm_epochs, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
     """Markdown + PNG report of the studies from MLflow, logged as a report run."""
     from .confirm import ConfirmOptions
     from .report import run_report
 
     sizes = parse_batch_sizes(batch_sizes)
     opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
-    run_report(norms, out, sizes, opts, console)
+    run_report(norms, out, sizes, opts, console, tta, confirm_epochs)
 
 
 def parse_jobs(text: str) -> int:

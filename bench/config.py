@@ -88,6 +88,16 @@ class TrainConfig:
     tta_shift: int = 0  # also average over copies shifted diagonally by -N and +N pixels (airbench's translate TTA); 0 = off
 
 
+def tta_name(flip: bool, shift: int) -> str:
+    """none, flip, flip_shift1 ...: how `bench rescore` and `bench report --tta` name a TTA recipe."""
+    return "_".join([*(["flip"] if flip else []), *([f"shift{shift}"] if shift else [])]) or "none"
+
+
+def tta_names(shifts: tuple[int, ...] = (1, 2, 3, 4)) -> list[str]:
+    """The TTA recipes a test accuracy can be read under (``bench report --tta``)."""
+    return [tta_name(False, 0), *(tta_name(True, s) for s in (0, *shifts))]
+
+
 @dataclass
 class BudgetConfig:
     max_params: int = 50_000

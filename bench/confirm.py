@@ -104,9 +104,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     console = console or Console()
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
-    record = records.load_study(norm, opts.study)
-    if opts.trial is not None:
-        record = records.with_trial(record, opts.trial)
+    record = records.load_study(norm, opts.study, opts.trial)
     exp = best_experiment(record, opts.epochs, opts.overrides)
     text = recipe(exp, opts.overrides)
     done = finished_keys(record, "confirm", records.TAG_SEED, text)
@@ -150,13 +148,13 @@ def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: st
 
 
 def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, console: Console | None = None) -> list[str]:
-    """Re-train the best trial of ``norm`` at each batch size (seed 0), learning rate scaled linearly."""
+    """Re-train the best trial of ``norm`` (or ``opts.trial``) at each batch size (seed 0), learning rate scaled linearly."""
     console = console or Console()
     if not batch_sizes or min(batch_sizes) < 1:
         raise ConfigError(f"--batch-sizes: expected positive integers, got {batch_sizes}")
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
-    record = records.load_study(norm, opts.study)
+    record = records.load_study(norm, opts.study, opts.trial)
     exp = best_experiment(record, opts.epochs, {**opts.overrides, "seed": 0})
     text = recipe(exp, opts.overrides)
     done = finished_keys(record, "batch_size", records.TAG_BATCH_SIZE, text)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from . import tracking
-from .config import NORMS
+from .config import NORMS, tta_name
 from .errors import ConfigError, TrackingError
 
 # Tags of confirm and batch-size runs (beside tracking.TAG_*).
@@ -81,8 +81,9 @@ def trial_counts(trials: list[Any]) -> dict[str, int]:
     }
 
 
-def load_study(norm: str, study: str | None = None) -> StudyRecord:
-    """Everything MLflow holds about the study of ``norm`` (named ``study``, default the norm)."""
+def load_study(norm: str, study: str | None = None, trial: int | None = None) -> StudyRecord:
+    """Everything MLflow holds about the study of ``norm`` (named ``study``, default the norm); with
+    ``trial``, that trained trial stands in for the best (see ``with_trial``)."""
     import mlflow
 
     name = study or norm
@@ -95,12 +96,15 @@ def load_study(norm: str, study: str | None = None) -> StudyRecord:
     if best is None:
         counts = ", ".join(f"{v} {k}" for k, v in trial_counts(trials).items())
         raise TrackingError(f"study '{name}' has no complete trial yet ({len(trials)} trial runs: {counts}); run `bench tune --norm {norm}` to finish some")
-    return with_derived_runs(StudyRecord(norm, name, exp.experiment_id, parents, trials, best))
+    record = StudyRecord(norm, name, exp.experiment_id, parents, trials, best)
+    return with_trial(record, trial) if trial is not None else with_derived_runs(record)
 
 
-def with_derived_runs(record: StudyRecord) -> StudyRecord:
-    """``record`` with the confirm and batch-size runs of its ``best`` trial filled in."""
-    record.confirms = main_recipe(derived_runs(record, "confirm"), TAG_SEED)
+def with_derived_runs(record: StudyRecord, epochs: int | None = None) -> StudyRecord:
+    """``record`` with the confirm and batch-size runs of its ``best`` trial filled in; with ``epochs``,
+    only confirm runs trained for that many epochs."""
+    confirms = [r for r in derived_runs(record, "confirm") if epochs is None or r.data.params.get("epochs") == str(epochs)]
+    record.confirms = main_recipe(confirms, TAG_SEED)
     record.batch_runs = main_recipe(derived_runs(record, "batch_size"), TAG_BATCH_SIZE)
     return record
 
@@ -171,3 +175,25 @@ def with_trial(record: StudyRecord, number: int) -> StudyRecord:
         numbers = ", ".join(str(n) for n in sorted(trial_number(r) for r in trained(record.trials)))
         raise ConfigError(f"study '{record.study}' has no trained trial {number}; choose one of {numbers}")
     return with_derived_runs(dataclasses.replace(record, best=chosen[0]))
+
+
+def trained_tta(run) -> str:
+    """The TTA recipe the run's own ``test_acc`` was scored with."""
+    params = run.data.params
+    return tta_name(params.get("tta_flip", "False") == "True", int(params.get("tta_shift", 0)))
+
+
+def test_accuracy(run, tta: str | None = None) -> float:
+    """The run's test accuracy as trained (``tta`` None), or under TTA recipe ``tta`` (none, flip,
+    flip_shiftN) from ``bench rescore`` or from fit's end-of-run ablation of the weights it kept."""
+    if tta is None or tta == trained_tta(run):
+        return metric(run, "test_acc")
+    weights = "ema" if "test_acc_ema" in run.data.metrics else "raw"
+    ablation = f"test_acc_{weights}" + {"none": ""}.get(tta, "_" + tta.replace("flip", "tta", 1))
+    for key in (f"rescore.test_acc_{tta}", ablation):
+        if key in run.data.metrics:
+            return run.data.metrics[key]
+    shift = f" --shift {tta.removeprefix('flip_shift')}" if tta.startswith("flip_shift") else ""
+    raise TrackingError(f"run {run.info.run_id} has no test accuracy under TTA '{tta}'; "
+                        f"score it with `bench rescore {run.info.run_id}{shift}` first")
+

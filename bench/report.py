@@ -34,13 +34,28 @@ class NormSummary:
     n_params: int
     best_val_acc: float
     best_trial: int
-    test: stats.Summary  # test accuracy over the confirm seeds
+    test_values: list[float]  # test accuracy of each confirm seed, under the report's TTA recipe
+    test: stats.Summary  # of test_values
     counts: dict[str, int]
     study_seconds: float  # all `bench tune` invocations of the study
     epoch_seconds: float
     epoch_seconds_from: str  # "confirm" or "trial" (no confirm runs yet)
     hyperparameters: dict[str, str]
     batch_acc: dict[int, float] = field(default_factory=dict)  # batch size -> test accuracy (seed 0)
+    tta: str | None = None  # TTA recipe of test_values; None = as each run was trained
+
+    @property
+    def confirm_epochs(self) -> list[int]:
+        return sorted({int(r.data.params["epochs"]) for r in self.record.confirms if "epochs" in r.data.params})
+
+    @property
+    def confirm_minutes(self) -> float:
+        """Mean wall time of a confirm run: training, per-epoch validation and the final test pass."""
+        return float(np.mean([records.metric(r, "total_seconds") for r in self.record.confirms])) / 60 if self.record.confirms else math.nan
+
+    @property
+    def trained_tta(self) -> list[str]:
+        return sorted({records.trained_tta(r) for r in self.record.confirms})
 
     @property
     def name(self) -> str:
@@ -55,9 +70,12 @@ def searched_names(record: StudyRecord) -> list[str]:
     return list(names)
 
 
-def summarize_norm(record: StudyRecord) -> NormSummary:
+def summarize_norm(record: StudyRecord, tta: str | None = None) -> NormSummary:
+    """``tta``: read every confirm seed's test accuracy under this TTA recipe (none, flip, flip_shiftN)
+    instead of as it was trained, so that norms trained with different TTA compare like with like."""
     best = record.best
     confirms = record.confirms
+    test_values = [records.test_accuracy(r, tta) for r in confirms]
     epoch_runs, source = (confirms, "confirm") if confirms else ([best], "trial")
     params = best.data.params
     return NormSummary(
@@ -65,13 +83,15 @@ def summarize_norm(record: StudyRecord) -> NormSummary:
         n_params=int(records.metric(best, "n_params")),
         best_val_acc=records.metric(best, "best_val_acc"),
         best_trial=records.trial_number(best),
-        test=stats.summarize([records.metric(r, "test_acc") for r in confirms]),
+        test_values=test_values,
+        test=stats.summarize(test_values),
         counts=records.trial_counts(record.trials),
         study_seconds=sum(records.metric(p, "study_seconds") for p in record.parents if "study_seconds" in p.data.metrics),
         epoch_seconds=float(np.mean([records.metric(r, "mean_epoch_seconds") for r in epoch_runs])),
         epoch_seconds_from=source,
         hyperparameters={k: params[k] for k in searched_names(record) if k in params},
         batch_acc=batch_accuracies(record),
+        tta=tta,
     )
 
 
@@ -104,7 +124,7 @@ def compare(summaries: list[NormSummary]) -> list[Comparison]:
     """Welch's t-test on confirm test accuracies for every pair of norms, Holm-adjusted together."""
     out = []
     for a, b in combinations(summaries, 2):
-        values_a, values_b = ([records.metric(r, "test_acc") for r in s.record.confirms] for s in (a, b))
+        values_a, values_b = a.test_values, b.test_values
         welch = stats.welch(values_a, values_b) if min(len(values_a), len(values_b)) >= 2 else None
         out.append(Comparison(a.name, b.name, welch))
     tested = [c for c in out if c.welch is not None]
@@ -149,21 +169,41 @@ def interval_cell(s: NormSummary) -> str:
     return f"[{pct(s.test.low)}, {pct(s.test.high)}]" if s.test.n > 1 else "—"
 
 
+def confirm_cell(s: NormSummary) -> str:
+    if not s.record.confirms:
+        return "—"
+    epochs = "/".join(str(e) for e in s.confirm_epochs) or "?"
+    return f"{epochs} epochs, {s.confirm_minutes:.0f} min"
+
+
 def summary_table(summaries: list[NormSummary]) -> list[str]:
-    head = ("norm", "params", "best val acc (trial)", "test acc mean ± std (seeds)", "95% t-interval",
+    head = ("norm", "params", "best val acc (trial)", "test acc mean ± std (seeds)", "95% t-interval", "each confirm run",
             "trials complete / pruned / failed / rejected", "study wall time", "s / epoch", "best hyperparameters")
     lines = [row(head), row(["---"] * len(head))]
     for s in summaries:
         c = s.counts
         hp = ", ".join(f"{k}={short(v)}" for k, v in s.hyperparameters.items())
         epoch = f"{s.epoch_seconds:.1f}" + (" (trial)" if s.epoch_seconds_from == "trial" else "")
-        lines.append(row([s.name, f"{s.n_params:,}", f"{pct(s.best_val_acc)} (#{s.best_trial})", test_cell(s), interval_cell(s),
+        lines.append(row([s.name, f"{s.n_params:,}", f"{pct(s.best_val_acc)} (#{s.best_trial})", test_cell(s), interval_cell(s), confirm_cell(s),
                           f"{c['complete']} / {c['pruned']} / {c['failed']} / {c['rejected']}", duration(s.study_seconds), epoch, hp]))
     return lines
 
 
 def row(cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def tta_lines(summaries: list[NormSummary]) -> list[str]:
+    """Which TTA the test accuracies were scored with; a warning when norms differ in it."""
+    if summaries and summaries[0].tta:
+        return [f"Test accuracies of every confirm run are scored under the same test-time augmentation, `{summaries[0].tta}` "
+                "(`bench report --tta`; from `bench rescore` or the run's own end-of-training ablation)."]
+    trained = {s.name: ", ".join(s.trained_tta) for s in summaries if s.record.confirms}
+    if len(set(trained.values())) > 1:
+        used = "; ".join(f"{name}: `{tta}`" for name, tta in trained.items())
+        return [f"**Warning:** the norms' confirm runs were scored with different test-time augmentation ({used}), so "
+                "their differences mix norm and evaluation; re-run with `--tta` naming one recipe to compare like with like."]
+    return [f"Test accuracies are scored as trained, test-time augmentation `{next(iter(trained.values()))}`."] if trained else []
 
 
 def statement(comparisons: list[Comparison]) -> list[str]:
@@ -408,25 +448,37 @@ def plot_batch_sizes(summaries: list[NormSummary], path: Path) -> bool:
 # ---------------------------------------------------------------- the report
 
 
-def parse_norms(text: str | None) -> list[tuple[str, str | None]]:
-    """``"bn,gn=my-gn-study"`` -> [("bn", None), ("gn", "my-gn-study")]; None or "all" -> every studied norm."""
+def parse_norms(text: str | None) -> list[tuple[str, str | None, int | None]]:
+    """``"bn,gn=my-gn-study,ln=resnet_ln@6"`` -> [("bn", None, None), ("gn", "my-gn-study", None),
+    ("ln", "resnet_ln", 6)]: norm, study (None: the norm's own), trial (None: the study's best).
+    None or "all" -> every studied norm."""
     if not text or text == "all":
         found = records.studied_norms()
         if not found:
             raise ConfigError("no studies in MLflow; run `bench tune --norm all` first, or pass --norms")
-        return [(n, None) for n in found]
+        return [(n, None, None) for n in found]
     out = []
     for item in filter(None, (part.strip() for part in text.split(","))):
-        norm, _, study = item.partition("=")
-        out.append((norm.strip(), study.strip() or None))
+        head, at, trial = item.partition("@")
+        if at and not trial.strip().isdigit():
+            raise ConfigError(f"--norms {item!r}: after @ give a trial number, e.g. bn=resnet_bn@31")
+        norm, _, study = head.partition("=")
+        out.append((norm.strip(), study.strip() or None, int(trial) if at else None))
     if not out:
         raise ConfigError(f"--norms {text!r}: expected e.g. bn,gn,ln")
     return out
 
 
-def gather(norms: str | None) -> list[NormSummary]:
-    """Every number the report needs, from MLflow; raises TrackingError naming a missing study."""
-    return [summarize_norm(records.load_study(norm, study)) for norm, study in parse_norms(norms)]
+def gather(norms: str | None, tta: str | None = None, confirm_epochs: int | None = None) -> list[NormSummary]:
+    """Every number the report needs, from MLflow; raises TrackingError naming a missing study.
+    ``confirm_epochs`` keeps only the confirm runs trained for that many epochs."""
+    summaries = []
+    for norm, study, trial in parse_norms(norms):
+        record = records.load_study(norm, study, trial)
+        if confirm_epochs:
+            record = records.with_derived_runs(record, confirm_epochs)
+        summaries.append(summarize_norm(record, tta))
+    return summaries
 
 
 def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figures: dict[str, str], sources: list[str],
@@ -442,8 +494,10 @@ def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figure
         "Best val acc: the study's best complete trial (the tuning objective, tuning epochs). Test acc: the confirm seeds "
         "(mean ± sample std; 95% t-interval of the mean). Trial counts are the study's trial runs by final state. "
         "Study wall time sums every `bench tune` invocation. s / epoch: training seconds per epoch, mean over confirm runs "
-        "('(trial)': from the best trial, no confirm runs yet).", "",
-        *summary_table(summaries), "",
+        "('(trial)': from the best trial, no confirm runs yet). Each confirm run: its epochs and mean wall time "
+        "(training, per-epoch validation and the final test pass). A study given as NORM=STUDY@TRIAL reports that trial "
+        "and its confirm runs instead of the best.", "",
+        *summary_table(summaries), "", *tta_lines(summaries), "",
         "## Which differences are larger than the seed-to-seed spread", "",
         *statement(comparisons), "",
         "## Training curves", "", figures["curves"], "",
@@ -500,14 +554,16 @@ def write_figures(summaries: list[NormSummary], out: Path) -> tuple[dict[str, st
     return {n: f"![{n}]({n}.png)" for n in names}, sources
 
 
-def build_report(norms: str | None = None, out: str | Path | None = None, tracking_uri: str | None = None, echo=print) -> Path:
-    """Read MLflow, write ``<out>/report.md`` and figures, log them as a report run; returns the folder."""
+def build_report(norms: str | None = None, out: str | Path | None = None, tracking_uri: str | None = None, echo=print,
+                 tta: str | None = None, confirm_epochs: int | None = None) -> Path:
+    """Read MLflow, write ``<out>/report.md`` and figures, log them as a report run; returns the folder.
+    ``tta`` and ``confirm_epochs``: see ``gather``."""
     uri = tracking.setup(tracking_uri)
-    summaries = gather(norms)
+    summaries = gather(norms, tta, confirm_epochs)
     comparisons = compare(summaries)
     out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
-    tags = {"bench.norms": ",".join(s.name for s in summaries), "bench.report_dir": str(out.resolve())}
+    tags = {"bench.norms": ",".join(s.name for s in summaries), "bench.report_dir": str(out.resolve()), "bench.tta": tta or "as trained"}
     import mlflow
 
     with tracking.run(REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}", "report", tags=tags) as active:
@@ -520,7 +576,7 @@ def build_report(norms: str | None = None, out: str | Path | None = None, tracki
 
 
 def run_report(norms: str | None = None, out: str | Path | None = None, batch_sizes: list[int] | None = None,
-               opts=None, console=None) -> Path:
+               opts=None, console=None, tta: str | None = None, confirm_epochs: int | None = None) -> Path:
     """``bench report``: with ``batch_sizes``, first train the missing batch-size runs of each norm's
     best configuration (the only training a report does), then read everything back from MLflow."""
     from rich.console import Console
@@ -531,9 +587,9 @@ def run_report(norms: str | None = None, out: str | Path | None = None, batch_si
 
         opts = opts or ConfirmOptions()
         tracking.setup(opts.tracking_uri)
-        for norm, study in parse_norms(norms):
-            train_batch_sizes(norm, batch_sizes, replace(opts, study=study), console)
-    return build_report(norms, out, opts.tracking_uri if opts else None, echo=console.print)
+        for norm, study, trial in parse_norms(norms):
+            train_batch_sizes(norm, batch_sizes, replace(opts, study=study, trial=trial), console)
+    return build_report(norms, out, opts.tracking_uri if opts else None, console.print, tta, confirm_epochs)
 
 
 def report_metrics(summaries: list[NormSummary]) -> dict[str, float]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import tracking
-from .config import TrainConfig
+from .config import TrainConfig, tta_name
 from .data import load_cifar10
 from .errors import ConfigError, DataError
 from .train import default_device, evaluate, resolve_runtime, setup_threads
@@ -25,7 +25,7 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return "_".join([*(["flip"] if self.flip else []), *([f"shift{self.shift}"] if self.shift else [])]) or "none"
+        return tta_name(self.flip, self.shift)
 
 
 def recipes(shifts: tuple[int, ...] = (1, 2)) -> list[Recipe]:

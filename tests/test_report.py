@@ -19,6 +19,7 @@ import bench.rescore
 import bench.run
 import bench.tune
 from bench import config, records, stats, tracking
+from bench.errors import TrackingError
 from bench.cli import cli
 from bench.data import CIFAR10
 from bench.report import build_report, duration, pct
@@ -238,6 +239,49 @@ def test_rescore_errors_name_the_run_and_the_fix(studies, monkeypatch):
     monkeypatch.setattr(bench.rescore, "load_cifar10", lambda *args, **kwargs: other_copy)
     one_line_error(invoke("rescore", runs("bn", "confirm")[0].info.run_id), "not the one run", "BENCH_DATA_DIR")
     assert rescored(parent.info.run_id) == {}
+
+
+def test_report_reads_a_chosen_trial_under_one_tta_and_one_epoch_count(studies):
+    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="tta"))
+    record = records.load_study("bn", "tta")
+    other = records.trial_number(next(r for r in records.trained(record.trials) if r.info.run_id != record.best.info.run_id))
+    confirm = ("confirm", "--norm", "bn", "--study", "tta", "--trial", str(other), "--threads", "1")
+    assert invoke(*confirm, "--seeds", "2", "--epochs", "1").exit_code == 0
+    assert invoke(*confirm, "--seeds", "1", "--epochs", "2").exit_code == 0
+    one_epoch = [r for r in runs("tta", "confirm") if r.data.params["epochs"] == "1"]
+    for run, acc in zip(one_epoch, (0.5, 0.7)):  # as `bench rescore --shift 1` logs them
+        tracking.log_to_run(run.info.run_id, metrics={"rescore.test_acc_flip_shift1": acc})
+
+    text = (build_report(f"bn=tta@{other}", studies / "reports" / "tta", tta="flip_shift1", confirm_epochs=1) / "report.md").read_text()
+    row = table_row(text, "tta")
+    assert f"(#{other})" in row and "60.00% ± 14.14 pp (n=2)" in row and "| 1 epochs," in row
+    assert "the same test-time augmentation, `flip_shift1`" in text
+
+    with pytest.raises(TrackingError, match=r"no test accuracy under TTA 'flip_shift1'; score it with `bench rescore \w+ --shift 1`"):
+        build_report(f"bn=tta@{other}", studies / "reports" / "tta2", tta="flip_shift1", confirm_epochs=2)
+    one_line_error(invoke("report", "--norms", "bn=tta@x"), "after @ give a trial number")
+    one_line_error(invoke("report", "--norms", "bn=tta@99"), "no trained trial 99")
+
+    assert invoke(*confirm, "--seeds", "2", "--epochs", "1", "--set", "tta_flip=true").exit_code == 0  # newest 2-seed recipe
+    text = (build_report(f"bn=tta@{other},gn", studies / "reports" / "tta3") / "report.md").read_text()
+    assert "**Warning:** the norms' confirm runs were scored with different test-time augmentation (tta: `flip`; gn: `none`)" in text
+
+
+def test_test_accuracy_under_a_tta_comes_from_rescore_the_fit_ablation_or_the_run_itself():
+    from types import SimpleNamespace
+
+    def run(metrics, flip="False", shift="0"):
+        return SimpleNamespace(data=SimpleNamespace(metrics={"test_acc": 0.8, **metrics}, params={"tta_flip": flip, "tta_shift": shift}),
+                               info=SimpleNamespace(run_id="r1"))
+
+    flip_run = run({"test_acc_raw": 0.7, "test_acc_raw_tta": 0.8, "rescore.test_acc_flip_shift1": 0.81}, flip="True")
+    assert [records.test_accuracy(flip_run, t) for t in (None, "flip", "none", "flip_shift1")] == [0.8, 0.8, 0.7, 0.81]
+    ema_run = run({"test_acc_raw_tta_shift1": 0.1, "test_acc_ema": 0.2, "test_acc_ema_tta_shift1": 0.85}, flip="True", shift="1")
+    assert records.test_accuracy(ema_run, "flip_shift1") == 0.8  # its own recipe: the evaluated (averaged) weights
+    assert records.test_accuracy(run({"test_acc_ema": 0.2, "test_acc_ema_tta_shift1": 0.85}), "flip_shift1") == 0.85
+    with pytest.raises(TrackingError, match="`bench rescore r1` first"):
+        records.test_accuracy(run({}), "flip")
 
 
 def test_missing_study_is_one_line_error(studies, no_data):
