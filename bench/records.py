@@ -196,4 +196,3 @@ def test_accuracy(run, tta: str | None = None) -> float:
     shift = f" --shift {tta.removeprefix('flip_shift')}" if tta.startswith("flip_shift") else ""
     raise TrackingError(f"run {run.info.run_id} has no test accuracy under TTA '{tta}'; "
                         f"score it with `bench rescore {run.info.run_id}{shift}` first")
-
