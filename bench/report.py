@@ -19,6 +19,7 @@ from . import records, stats, tracking
 from .data import CLASSES
 from .errors import ConfigError
 from .records import StudyRecord
+from .run import duration
 
 REPORT_EXPERIMENT = "reports"
 ALPHA = 0.05
@@ -142,12 +143,6 @@ def pct(x: float) -> str:
 
 def points(x: float) -> str:
     return f"{100 * x:+.2f} pp"
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def short(value: str) -> str:

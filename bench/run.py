@@ -33,6 +33,12 @@ def build_model(exp: Experiment) -> torch.nn.Module:
     return build_checked(exp.budget.max_params, **dataclasses.asdict(exp.model))
 
 
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 @contextlib.contextmanager
 def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = ""):
     """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks."""
@@ -42,6 +48,7 @@ def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, 
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
         state = {"task": progress.add_task(f"{label}epoch 1/{epochs}", total=images_per_epoch, stats="")}
+        start = time.perf_counter()
 
         def on_step(seen: int, loss: float, acc: float) -> None:
             progress.update(state["task"], completed=seen, stats=f"loss {loss:.3f} acc {acc:.3f}")
@@ -51,6 +58,7 @@ def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, 
                 f"{label}epoch {epoch:>3}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.4f}"
                 f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}  lr {record['lr']:.4f}"
                 f"  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
+                + (f"  eta {duration((time.perf_counter() - start) / epoch * (epochs - epoch))}" if epoch < epochs else "")
             )
             progress.reset(state["task"], description=f"{label}epoch {epoch + 1}/{epochs}", stats="")
 
