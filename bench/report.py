@@ -113,23 +113,30 @@ def batch_accuracies(record: StudyRecord) -> dict[int, float]:
 class Comparison:
     a: str
     b: str
-    welch: stats.Welch | None  # None when a norm has fewer than 2 confirm seeds
+    test: stats.Welch | None  # None when neither norm has 2 confirm seeds, or one has none
+    single: str = ""  # the norm with a single confirm run, tested against the other's seed spread
     adjusted_p: float = math.nan
 
     @property
     def exceeds_spread(self) -> bool:
-        return self.welch is not None and self.adjusted_p < ALPHA
+        return self.test is not None and self.adjusted_p < ALPHA
+
+
+def pair_test(a: NormSummary, b: NormSummary) -> tuple[stats.Welch | None, str]:
+    """Welch's test when both norms have 2+ seeds; a single run against the other norm's seeds when one has 1."""
+    n_a, n_b = len(a.test_values), len(b.test_values)
+    if min(n_a, n_b) >= 2:
+        return stats.welch(a.test_values, b.test_values), ""
+    if min(n_a, n_b) == 1 and max(n_a, n_b) >= 2:
+        return stats.single_run_test(a.test_values, b.test_values), a.name if n_a == 1 else b.name
+    return None, ""
 
 
 def compare(summaries: list[NormSummary]) -> list[Comparison]:
-    """Welch's t-test on confirm test accuracies for every pair of norms, Holm-adjusted together."""
-    out = []
-    for a, b in combinations(summaries, 2):
-        values_a, values_b = a.test_values, b.test_values
-        welch = stats.welch(values_a, values_b) if min(len(values_a), len(values_b)) >= 2 else None
-        out.append(Comparison(a.name, b.name, welch))
-    tested = [c for c in out if c.welch is not None]
-    for c, p in zip(tested, stats.holm([c.welch.p for c in tested])):
+    """A t-test on confirm test accuracies for every pair of norms, Holm-adjusted together."""
+    out = [Comparison(a.name, b.name, *pair_test(a, b)) for a, b in combinations(summaries, 2)]
+    tested = [c for c in out if c.test is not None]
+    for c, p in zip(tested, stats.holm([c.test.p for c in tested])):
         c.adjusted_p = p
     return out
 
@@ -203,31 +210,34 @@ def tta_lines(summaries: list[NormSummary]) -> list[str]:
 
 def statement(comparisons: list[Comparison]) -> list[str]:
     rule = ("Rule: for each pair of norms, Welch's two-sided t-test on the test accuracies of the confirm seeds; "
-            f"the p-values of the {sum(c.welch is not None for c in comparisons)} tested pair(s) are Holm-adjusted together. A difference is "
+            "where one norm has a single confirm run, that run is tested against the other norm's seeds, its spread "
+            "taken to equal theirs (t = difference / (s·√(1 + 1/n)), n − 1 degrees of freedom); "
+            f"the p-values of the {sum(c.test is not None for c in comparisons)} tested pair(s) are Holm-adjusted together. A difference is "
             f"**larger than the seed-to-seed spread** when its adjusted p < {ALPHA}, otherwise it is **within the spread**. "
-            "The interval is the 95% Welch interval of the difference of means.")
+            "The interval is the 95% interval of the difference of means.")
     lines = [rule, ""]
     for c in comparisons:
         lines.append(f"- {comparison_line(c)}")
     larger = [f"{c.a} vs {c.b}" for c in comparisons if c.exceeds_spread]
-    within = [f"{c.a} vs {c.b}" for c in comparisons if c.welch is not None and not c.exceeds_spread]
-    untested = [f"{c.a} vs {c.b}" for c in comparisons if c.welch is None]
+    within = [f"{c.a} vs {c.b}" for c in comparisons if c.test is not None and not c.exceeds_spread]
+    untested = [f"{c.a} vs {c.b}" for c in comparisons if c.test is None]
     lines += ["", f"**Larger than the seed-to-seed spread:** {', '.join(larger) or 'none'}.",
               f"**Within the spread:** {', '.join(within) or 'none'}."]
     if untested:
-        lines.append(f"**Not testable (fewer than 2 confirm seeds):** {', '.join(untested)}; run `bench confirm --seeds 3` or more.")
+        lines.append(f"**Not testable (no norm of the pair has 2 confirm seeds):** {', '.join(untested)}; run `bench confirm --seeds 3` or more.")
     if not comparisons:
         lines.append("Only one norm in this report: nothing to compare.")
     return lines
 
 
 def comparison_line(c: Comparison) -> str:
-    if c.welch is None:
-        return f"{c.a} vs {c.b}: not testable, a norm has fewer than 2 confirm seeds."
-    w = c.welch
+    if c.test is None:
+        return f"{c.a} vs {c.b}: not testable, neither norm has 2 confirm seeds (or one has none)."
+    w = c.test
     leader = c.a if w.diff >= 0 else c.b
     verdict = "larger than the seed-to-seed spread" if c.exceeds_spread else "within the seed-to-seed spread"
-    return (f"{c.a} − {c.b} = {points(w.diff)} (95% interval {points(w.low)} to {points(w.high)}), "
+    single = f" ({c.single} is a single run, its spread taken to equal the other's seeds')" if c.single else ""
+    return (f"{c.a} − {c.b} = {points(w.diff)} (95% interval {points(w.low)} to {points(w.high)}){single}, "
             f"t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3g}, Holm-adjusted p = {c.adjusted_p:.3g}: "
             f"{leader}'s mean is higher, **{verdict}**.")
 

@@ -1,4 +1,5 @@
-"""Small-sample statistics for seed comparisons: Student t quantiles, t-intervals, Welch's test, Holm.
+"""Small-sample statistics for seed comparisons: Student t quantiles, t-intervals, Welch's test, a
+single run against several seeds, Holm.
 
 No SciPy: the t distribution's CDF is integrated numerically (Simpson's rule on its density),
 which is exact to ~1e-9 for the degrees of freedom seed counts give (1 to a few hundred).
@@ -87,6 +88,24 @@ def welch(a, b, level: float = 0.95) -> Welch:
     half = t_quantile(0.5 + level / 2, df) * se
     p = min(1.0, 2 * (1 - t_cdf(abs(t), df)))
     return Welch(diff, diff - half, diff + half, t, df, p)
+
+
+def single_run_test(a, b, level: float = 0.95) -> Welch:
+    """mean(a) == mean(b) when one side is a single run: its spread is taken to equal the other side's
+    (the prediction-interval test), t = diff / (s·√(1 + 1/n)) with n − 1 degrees of freedom, s and n
+    those of the side with at least 2 values. ``diff`` is mean(a) − mean(b) in the order given."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    sample = a if len(b) == 1 else b
+    if min(len(a), len(b)) != 1 or len(sample) < 2:
+        raise ValueError("the single-run test needs one value on one side and at least 2 on the other")
+    diff = float(a.mean() - b.mean())
+    se = float(sample.std(ddof=1)) * math.sqrt(1 + 1 / len(sample))
+    df = len(sample) - 1
+    if se == 0:
+        return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df, 0.0 if diff else 1.0)
+    t = diff / se
+    half = t_quantile(0.5 + level / 2, df) * se
+    return Welch(diff, diff - half, diff + half, t, df, min(1.0, 2 * (1 - t_cdf(abs(t), df))))
 
 
 def holm(p_values: list[float]) -> list[float]:

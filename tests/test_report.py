@@ -313,6 +313,28 @@ def test_t_quantiles_and_welch_match_tables():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_a_single_run_is_tested_against_the_other_norms_seeds():
+    from types import SimpleNamespace
+
+    from bench.report import compare, comparison_line
+
+    w = stats.single_run_test([0.85, 0.84], [0.77])  # df 1: Student's t is Cauchy, p = 1 - 2/pi * atan(|t|)
+    se = 0.01 / math.sqrt(2) * math.sqrt(1.5)
+    assert (w.diff, w.t, w.df) == pytest.approx((0.075, 0.075 / se, 1))
+    assert w.p == pytest.approx(1 - 2 / math.pi * math.atan(0.075 / se), abs=1e-6)
+    assert (w.low, w.high) == pytest.approx((0.075 - 12.7062 * se, 0.075 + 12.7062 * se), abs=1e-5)
+    flipped = stats.single_run_test([0.77], [0.85, 0.84])
+    assert (flipped.diff, flipped.p) == pytest.approx((-w.diff, w.p))
+    with pytest.raises(ValueError):
+        stats.single_run_test([0.8], [0.7])
+
+    norms = [SimpleNamespace(name=n, test_values=v) for n, v in (("bn", [0.85, 0.84]), ("gn", [0.77]), ("ln", []))]
+    bn_gn, bn_ln, gn_ln = compare(norms)
+    assert bn_gn.single == "gn" and bn_gn.adjusted_p == pytest.approx(w.p) and bn_gn.exceeds_spread is (w.p < 0.05)
+    assert "gn is a single run" in comparison_line(bn_gn)
+    assert bn_ln.test is None and gn_ln.test is None and "not testable" in comparison_line(gn_ln)
+
+
 def test_main_recipe_prefers_most_seeds_then_newest():
     from types import SimpleNamespace
 
