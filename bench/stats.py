@@ -82,12 +82,17 @@ def welch(a, b, level: float = 0.95) -> Welch:
     va, vb = float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)
     se = math.sqrt(va + vb)
     if se == 0:  # identical values within each group: any difference is exact
-        return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, math.nan, 0.0 if diff else 1.0)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+        return t_test(diff, se, math.nan, level)
+    return t_test(diff, se, (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)), level)
+
+
+def t_test(diff: float, se: float, df: float, level: float = 0.95) -> Welch:
+    """Two-sided t-test of ``diff`` with standard error ``se``; se 0 makes any difference exact."""
+    if se == 0:
+        return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df, 0.0 if diff else 1.0)
     t = diff / se
     half = t_quantile(0.5 + level / 2, df) * se
-    p = min(1.0, 2 * (1 - t_cdf(abs(t), df)))
-    return Welch(diff, diff - half, diff + half, t, df, p)
+    return Welch(diff, diff - half, diff + half, t, df, min(1.0, 2 * (1 - t_cdf(abs(t), df))))
 
 
 def single_run_test(a, b, level: float = 0.95) -> Welch:
@@ -100,12 +105,7 @@ def single_run_test(a, b, level: float = 0.95) -> Welch:
         raise ValueError("the single-run test needs one value on one side and at least 2 on the other")
     diff = float(a.mean() - b.mean())
     se = float(sample.std(ddof=1)) * math.sqrt(1 + 1 / len(sample))
-    df = len(sample) - 1
-    if se == 0:
-        return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df, 0.0 if diff else 1.0)
-    t = diff / se
-    half = t_quantile(0.5 + level / 2, df) * se
-    return Welch(diff, diff - half, diff + half, t, df, min(1.0, 2 * (1 - t_cdf(abs(t), df))))
+    return t_test(diff, se, len(sample) - 1, level)
 
 
 def holm(p_values: list[float]) -> list[float]:
