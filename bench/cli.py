@@ -180,13 +180,16 @@ def ui(host, port, tracking_uri):
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the models, shuffling and augmentation.")
 @click.option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
+@click.option("--widths", help="Instead: the training step at these width multipliers (e.g. 1,1.5,1.75), against the first.")
 @data_options
 @friendly_errors
-def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
+def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, **options):
     """Training and evaluation images/s of the harness against the seed notebooks' pipeline, interleaved."""
     from .data import load_cifar10
     from .speed import SpeedOptions, render, render_time_to_accuracy, run_speed, time_to_accuracy, write_json
 
+    if widths:
+        return width_grid(widths, data_dir, download, json_path, options)
     ablate = options.pop("ablate") or bool(knobs)
     opts = SpeedOptions(**options, knobs=tuple(knobs), ablate=ablate)
     data = load_cifar10(data_dir, download=download)
@@ -198,6 +201,26 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, **options):
         else:
             report = run_speed(opts, data, progress=lambda message: status.update(f"measuring: {message}"))
     (render_time_to_accuracy if to_accuracy else render)(report, console)
+    if json_path:
+        write_json(report, json_path)
+        console.print(f"wrote {json_path}")
+
+
+def width_grid(widths: str, data_dir, download, json_path, options) -> None:
+    from .data import load_cifar10
+    from .speed import write_json
+    from .speed_grid import GridOptions, render_grid, run_grid
+
+    try:
+        grid = tuple(float(w) for w in widths.split(","))
+    except ValueError:
+        raise config_mod.ConfigError(f"--widths {widths!r}: expected comma-separated numbers, e.g. 1,1.5,1.75") from None
+    opts = GridOptions(widths=grid, norm=options["norm"], preset=options["preset"] or "seed_bn", steps=options["steps"],
+                       repeats=options["repeats"], batch_size=options["batch_size"], threads=options["threads"], seed=options["seed"])
+    data = load_cifar10(data_dir, download=download)
+    with console.status("measuring") as status:
+        report = run_grid(opts, data, progress=lambda message: status.update(f"measuring: {message}"))
+    render_grid(report, console)
     if json_path:
         write_json(report, json_path)
         console.print(f"wrote {json_path}")

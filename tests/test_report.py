@@ -17,7 +17,7 @@ import bench.confirm
 import bench.data
 import bench.rescore
 import bench.run
-import bench.tune
+import bench.tune.study
 from bench import config, records, stats, tracking
 from bench.errors import TrackingError
 from bench.cli import cli
@@ -54,7 +54,7 @@ def studies(cifar, tmp_path_factory):
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mlflow.set_tracking_uri(uri)
         torch.set_num_threads(1)
-        for module in (bench.tune, bench.confirm):
+        for module in (bench.tune.study, bench.confirm):
             mp.setattr(module, "load_data", lambda *args, **kwargs: tiny)
         for norm in NORMS:
             exp = config.override(config.load(REPO / "experiments" / f"{norm}.toml"), **TINY)
@@ -74,7 +74,7 @@ def no_data(monkeypatch, tmp_path):
     def forbidden(*args, **kwargs):
         raise AssertionError("the report must not load data")
 
-    for module, name in ((bench.data, "load_cifar10"), (bench.run, "load_data"), (bench.tune, "load_data"), (bench.confirm, "load_data")):
+    for module, name in ((bench.data, "load_cifar10"), (bench.run, "load_data"), (bench.tune.study, "load_data"), (bench.confirm, "load_data")):
         monkeypatch.setattr(module, name, forbidden)
     monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "nowhere"))
 

@@ -101,7 +101,7 @@ def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
     def no_training(*args, **kwargs):
         raise AssertionError("an over-budget trial must not train")
 
-    monkeypatch.setattr("bench.tune.train_tracked", no_training)
+    monkeypatch.setattr("bench.tune.objective.train_tracked", no_training)
     console = Console(record=True, width=200)
     study = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1), console)
     lines = [line for line in console.export_text().splitlines() if line.startswith("trial ")]
@@ -216,7 +216,7 @@ def test_tiny_architecture_study_runs_end_to_end(store, cifar, monkeypatch):
     from bench.data import CIFAR10
 
     tiny = CIFAR10(cifar.train.take(300), cifar.val.take(100), cifar.test.take(100), cifar.source + " (slice)", cifar.digest)
-    monkeypatch.setattr("bench.tune.load_data", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr("bench.tune.study.load_data", lambda *args, **kwargs: tiny)
     exp = config.override(config.load(REPO / "experiments" / "resnet_bn.toml"), train_subset=300, batch_size=100)
     study = run_study(exp, TuneOptions(trials=8, epochs=1, threads=1))
 

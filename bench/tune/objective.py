@@ -1,0 +1,127 @@
+"""The objective: one trial = sample a configuration, reject it untrained if over budget, else train it
+in a nested MLflow run, pruned on per-epoch validation accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import optuna
+from rich.console import Console
+
+from .. import tracking
+from ..config import Experiment
+from ..errors import BenchError, DivergedError
+from ..models import count_params_fast
+from ..run import train_tracked
+from .space import suggest, as_trial
+from .recovery import counted, feasible_complete, worker_id
+
+
+class SurplusTrial(BenchError):
+    """A worker created a trial after the others had already filled the study's total."""
+
+
+def surplus(trial: optuna.Trial, target: int) -> bool:
+    """Whether the trials numbered before ``trial`` (trial numbers are assigned atomically by the
+    storage) already fill the study's total: then two workers raced past StopAtTarget."""
+    before = [t for t in trial.study.get_trials(deepcopy=False) if t.number < trial.number]
+    return sum(counted(t) for t in before) >= target
+
+
+class Objective:
+    def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int, parent_id: str | None,
+                 target: int | None = None):
+        self.exp, self.study_name, self.data, self.rt, self.console = exp, study_name, data, rt, console
+        self.epochs, self.parent_id, self.target = epochs, parent_id, target
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        if self.target is not None and surplus(trial, self.target):  # no params sampled, no MLflow run
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            self.console.print(f"trial {trial.number:>3}  not run: other workers filled the study's {self.target} trials")
+            raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.target}")
+        exp = as_trial(suggest(trial, self.exp), self.epochs)
+        n_params = count_params_fast(**vars(exp.model))
+        trial.set_user_attr("n_params", n_params)
+        trial.set_user_attr("worker", worker_id())
+        trial.set_constraint("params_over_budget", n_params - exp.budget.max_params)  # feasible when <= 0
+        tags = {tracking.TAG_TRIAL: trial.number, tracking.TAG_STUDY: self.study_name, tracking.TAG_NORM: exp.model.norm}
+        label = f"trial {trial.number:>3} "
+        start = time.perf_counter()
+        try:
+            with tracking.run(self.study_name, f"trial-{trial.number}", "trial", tags=tags, parent_run_id=self.parent_id) as active:
+                trial.set_user_attr("mlflow_run_id", active.info.run_id)
+                if n_params > exp.budget.max_params:
+                    value = self._reject(trial, exp, n_params)
+                    self._line(trial, n_params, f"REJECTED (over the {exp.budget.max_params:,} budget, not trained)", start)
+                    return value
+                value = self._train(trial, exp, label)
+        except optuna.TrialPruned:
+            self._line(trial, n_params, "PRUNED", start)
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("interrupted", True)
+            self._line(trial, n_params, "INTERRUPTED", start)
+            raise
+        except DivergedError as err:
+            trial.set_user_attr("diverged", str(err))
+            self._line(trial, n_params, f"FAIL ({err})", start)
+            raise
+        self._line(trial, n_params, "COMPLETE", start)
+        return value
+
+    def _reject(self, trial: optuna.Trial, exp: Experiment, n_params: int) -> float:
+        """Over budget: never trained. Recorded as a complete trial with no accuracy, and the sampler
+        is told through the constraint so it learns the feasible region."""
+        trial.set_user_attr("rejected", True)
+        tracking.log_params(exp.hyperparameters())
+        tracking.log_metrics({"n_params": n_params})
+        import mlflow
+
+        mlflow.set_tags({tracking.TAG_STATE: "REJECTED", "bench.rejected_reason": f"{n_params:,} params > budget {exp.budget.max_params:,}"})
+        return 0.0
+
+    def _train(self, trial: optuna.Trial, exp: Experiment, label: str) -> float:
+        def report(epoch: int, record: dict[str, float]) -> None:
+            trial.report(record["val_acc"], epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
+
+        study = trial.study
+        best_before = max((t.value for t in feasible_complete(study)), default=-math.inf)
+        model, result = train_tracked(exp, self.data, self.rt, on_epoch=report, console=self.console, label=label)
+        import mlflow
+
+        mlflow.set_tag(tracking.TAG_STATE, "COMPLETE")
+        value = result.best_val_acc
+        trial.set_user_attr("test_acc", result.test_acc)
+        trial.set_user_attr("seconds", result.seconds)
+        trial.set_user_attr("epoch_seconds", result.mean_epoch_seconds)
+        trial.set_user_attr("model_uri", mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri"))
+        if value > best_before:
+            version = tracking.register(trial.user_attrs["model_uri"], registry_name(self.study_name),
+                                        tags={"study": self.study_name, "trial": str(trial.number), "val_acc": f"{value:.4f}"})
+            trial.set_user_attr("registered_version", version)
+            mlflow.set_tag("bench.registered_version", version)
+        return value
+
+    def _line(self, trial: optuna.Trial, n_params: int, state: str, start: float) -> None:
+        values = trial.user_attrs
+        val = max((v for v in trial.storage.get_trial(trial._trial_id).intermediate_values.values()), default=math.nan)
+        test = values.get("test_acc", math.nan)
+        self.console.print(
+            f"trial {trial.number:>3}  params {n_params:>6,}  val acc {_acc(val)}  test acc {_acc(test)}  {state}  "
+            f"{time.perf_counter() - start:.0f}s"
+        )
+
+
+def _acc(value: float) -> str:
+    return "     -" if math.isnan(value) else f"{value:.4f}"
+
+
+def registry_name(study: str) -> str:
+    """``cifar10-bn`` for the default study of a norm; a study of another experiment (``resnet_gn``)
+    gets its own name, so ``models:/cifar10-gn/latest`` never turns into a different architecture."""
+    return f"cifar10-{study}"

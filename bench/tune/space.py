@@ -1,0 +1,118 @@
+"""A study's search space and procedure: sampler, pruner, the distributions of ``[search.*]``, what a trial trains,
+and the checks that a resumed study still samples the same space with the same fixed settings.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import optuna
+
+from .. import tracking
+from ..config import Experiment, override
+from ..errors import ConfigError
+from .options import TuneOptions
+
+
+def create_sampler(exp: Experiment, seed: int) -> optuna.samplers.BaseSampler:
+    # Constraint-aware: trials record their parameter excess with ``trial.set_constraint``.
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=exp.tune.startup_trials, multivariate=True)
+
+
+def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:
+    if name == "median":
+        # Rejected (over-budget) trials are complete but report no epochs, so they count toward
+        # n_startup_trials; n_min_trials makes the median come from trials that really trained.
+        return optuna.pruners.MedianPruner(n_startup_trials=exp.tune.startup_trials, n_warmup_steps=exp.tune.warmup_epochs,
+                                           n_min_trials=exp.tune.startup_trials)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, exp.tune.warmup_epochs), reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def search_distributions(exp: Experiment) -> dict[str, optuna.distributions.BaseDistribution]:
+    """The Optuna distribution of every declared search dimension."""
+    dists: dict[str, optuna.distributions.BaseDistribution] = {}
+    for name, dim in exp.search.items():
+        if dim.choices is not None:
+            dists[name] = optuna.distributions.CategoricalDistribution(dim.choices)
+        elif isinstance(dim.low, int) and isinstance(dim.high, int):
+            dists[name] = optuna.distributions.IntDistribution(dim.low, dim.high, log=dim.log, step=dim.step or 1)
+        else:
+            dists[name] = optuna.distributions.FloatDistribution(dim.low, dim.high, log=dim.log, step=dim.step)
+    return dists
+
+
+def suggest(trial: optuna.Trial, exp: Experiment) -> Experiment:
+    """A copy of ``exp`` with every declared search dimension sampled by ``trial``."""
+    values: dict[str, Any] = {}
+    for name, dist in search_distributions(exp).items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            values[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            values[name] = trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+        else:
+            values[name] = trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return override(copy.deepcopy(exp), **values)
+
+
+def check_search_space(study: optuna.Study, exp: Experiment) -> None:
+    """A resumed study must go on sampling the space its trials came from: otherwise TPE fits the
+    new ranges on samples of the old ones and the parent run's ``space.*`` params describe neither."""
+    expected = search_distributions(exp)
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        if trial.distributions:
+            changed = sorted(n for n in expected.keys() | trial.distributions.keys() if expected.get(n) != trial.distributions.get(n))
+            if changed:
+                raise ConfigError(f"study '{study.study_name}' was sampled from a different search space ({', '.join(changed)} "
+                                  "changed); give the new space its own --study name, or restore the experiment's [search.*]")
+            return
+
+
+def trial_epochs(exp: Experiment, opts: TuneOptions) -> int:
+    return opts.epochs or exp.tune.epochs or exp.train.epochs
+
+
+def as_trial(exp: Experiment, epochs: int) -> Experiment:
+    """``exp`` as a trial trains it: the tuning epochs, on the tuning subset unless train_subset is set."""
+    exp.train.epochs = epochs
+    if exp.tune.train_subset and not exp.train.train_subset:
+        exp.train.train_subset = exp.tune.train_subset
+    return exp
+
+
+NOT_IN_RECIPE = {"eval_batch_size"}  # changes speed, not results
+
+
+def fixed_recipe(exp: Experiment, epochs: int) -> dict[str, str]:
+    """What every trial of the study shares: the settings that are not searched, as trials run them."""
+    trial_exp = as_trial(copy.deepcopy(exp), epochs)
+    values = {**trial_exp.hyperparameters(), "max_params": exp.budget.max_params}
+    return {k: str(v) for k, v in sorted(values.items()) if k not in exp.search and k not in NOT_IN_RECIPE}
+
+
+def last_trial_params(study: optuna.Study) -> dict[str, str] | None:
+    """What the study's last trained trial logged to MLflow: the fixed settings of a study older
+    than its ``fixed_recipe`` record; None if it has no such trial."""
+    for trial in reversed(study.get_trials(deepcopy=False)):
+        if trial.user_attrs.get("mlflow_run_id") and not trial.user_attrs.get("rejected"):  # rejected trials log no training params
+            return tracking.run_params(trial.user_attrs["mlflow_run_id"]) or None
+    return None
+
+
+def check_fixed_recipe(study: optuna.Study, exp: Experiment, epochs: int) -> None:
+    """A resumed study must train new trials as it trained the old ones: a changed fixed setting
+    (epochs, TTA, weight decay ...) moves the objective, and TPE and the pruner would rank trials
+    that measured different things. The settings are recorded on the study the first time."""
+    current = fixed_recipe(exp, epochs)
+    stamped = study.user_attrs.get("fixed_recipe")
+    recorded = stamped or last_trial_params(study)
+    if recorded:
+        defaults = {k: str(v) for k, v in Experiment().hyperparameters().items()}  # settings added since the study began
+        changed = [f"{k} {recorded.get(k, defaults.get(k))} -> {v}" for k, v in current.items() if recorded.get(k, defaults.get(k)) != v]
+        if changed:
+            raise ConfigError(f"study '{study.study_name}' ran its trials with other fixed settings ({'; '.join(changed)}); "
+                              "give the new settings their own --study name, or set the old values back")
+    if not stamped:
+        study.set_user_attr("fixed_recipe", current)

@@ -1,0 +1,191 @@
+"""Running a study: create or resume it, check it, run trials up to its total, share it with other workers.
+
+``--trials N`` is the study's total: finished trials (complete, pruned, rejected, diverged) count
+toward it, so re-running the same command after a crash or Ctrl-C finishes the remaining ones.
+A trial interrupted by Ctrl-C is marked failed and its configuration is queued to run again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+import torch
+
+from .. import interrupt, tracking
+from ..config import Experiment
+from ..errors import BenchError, ConfigError, DivergedError, TrackingError
+from ..run import load_data
+from ..train import default_device, resolve_runtime, setup_threads
+from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
+from .options import TuneOptions
+from .space import create_sampler, create_pruner, check_search_space, trial_epochs, check_fixed_recipe
+from .recovery import finished, finished_count, counted, requeue_interrupted, fail_dead_local_trials
+from .objective import SurplusTrial, Objective
+from .summary import describe_dimension, summarise_to_parent, best_table
+
+
+def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
+    if not exp.search:
+        raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line instead
+    storage = open_storage(opts.storage)
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=opts.study or exp.name, direction="maximize", load_if_exists=True,
+            sampler=create_sampler(exp, opts.seed), pruner=create_pruner(opts.pruner or exp.tune.pruner, exp),
+        )
+        study.set_user_attr("norm", exp.model.norm)
+        study.set_user_attr("experiment", exp.name)
+    except Exception as err:
+        raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
+    check_search_space(study, exp)
+    check_fixed_recipe(study, exp, trial_epochs(exp, opts))
+    return study
+
+
+def study_target(study: optuna.Study, exp: Experiment, opts: TuneOptions) -> tuple[int, int]:
+    """(finished trials, the study's total): ``--trials N`` is the total, or N more with ``--more``."""
+    done, n = finished_count(study), opts.trials or exp.tune.trials
+    return done, done + n if opts.more else n
+
+
+def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None) -> optuna.Study:
+    """Create or resume the study for ``exp`` and run it up to its total number of trials.
+
+    Several processes (or machines) may run this on one study and storage: they share the
+    study's total and its MLflow parent run.
+    """
+    console = console or Console()
+    epochs = trial_epochs(exp, opts)
+    setup_threads(opts.threads)
+    uri = tracking.setup(opts.tracking_uri)
+    study = prepare_study(exp, opts)
+    recovered = fail_dead_local_trials(study)
+    requeued = requeue_interrupted(study)
+    done, target = study_target(study, exp, opts)
+    console.print(
+        f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, pruner {opts.pruner or exp.tune.pruner}) "
+        f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
+        + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
+        + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "")
+    )
+    if target - done <= 0:
+        return study
+    data = load_data(exp, opts.data_dir, opts.download)
+    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device())
+    parent_id = os.environ.get("BENCH_PARENT_RUN_ID")  # set by `--jobs K` for its workers
+    joined = bool(parent_id)
+    if not parent_id:
+        parent_id, joined = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
+    if os.environ.get("BENCH_WORKER_INDEX"):  # one of `--jobs K` workers: its own seed, not its siblings' draws
+        study.sampler = create_sampler(exp, opts.seed + int(os.environ["BENCH_WORKER_INDEX"]))
+    elif joined:  # another worker is on this study: the same seed would replay its random draws
+        study.sampler.reseed_rng()
+    objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target)
+    status = "FINISHED"
+    start = time.time()
+    deadline = start + opts.timeout if opts.timeout else None
+    try:
+        with interrupt.deferred():
+            to_run = target - done
+            while to_run > 0:
+                study.optimize(objective, n_trials=to_run, timeout=deadline - time.time() if deadline else None,
+                               catch=(DivergedError, SurplusTrial), callbacks=[StopAtTarget(target)])
+                interrupt.check()
+                if deadline and time.time() >= deadline:
+                    break
+                to_run = wait_for_others(study, target, console)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BenchError:
+        status = "FAILED"
+        raise
+    except Exception as err:  # storage or tracking server lost mid-study; finished trials are already stored
+        status = "FAILED"
+        raise TrackingError(f"lost the study's storage or tracking store ({type(err).__name__}: {tracking.mask_url(str(err))[:200]}); "
+                            "finished trials are kept, re-run the same command once it is back") from None
+    finally:
+        if not os.environ.get("BENCH_PARENT_RUN_ID"):
+            finish_parent(study, parent_id, status, time.time() - start, console)
+    console.print(best_table(study))
+    console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
+    return study
+
+
+def open_study_parent(study: optuna.Study, exp: Experiment, opts: TuneOptions, target: int, tags: dict[str, Any]) -> tuple[str, bool]:
+    """(run id, joined): the study's parent run, joined if another process has it open, else created
+    with the search space (``space.*`` params, which the report reads), the total and the seed."""
+    parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
+        tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
+        "bench.pruner": opts.pruner or exp.tune.pruner, **tags,
+    })
+    if not joined:
+        tracking.log_to_run(parent_id, params={**{f"space.{k}": describe_dimension(v) for k, v in exp.search.items()},
+                                               "trials_target": target, "seed": opts.seed})
+    return parent_id, joined
+
+
+class StopAtTarget:
+    """Stop this worker once finished plus other workers' running trials reach the study's total,
+    or once Ctrl-C / SIGTERM asked it to stop."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        if interrupt.requested() or sum(counted(t) for t in study.get_trials(deepcopy=False)) >= self.target:
+            study.stop()
+
+
+def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
+    """After this worker's share, wait while other workers' trials run, so that a trial whose
+    worker dies is re-run here: the heartbeat (RDB storages) or, without one, the missing process
+    on this host fails it and re-queues its configuration. Returns how many trials to run next
+    (0: the study has its total)."""
+    announced = False
+    while True:
+        interrupt.check()
+        if heartbeat_enabled(study):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)  # runs on_stale_trial for each
+        else:
+            fail_dead_local_trials(study)
+        trials = study.get_trials(deepcopy=False)
+        missing = target - sum(finished(t) for t in trials)
+        running = sum(t.state == TrialState.RUNNING for t in trials)
+        if missing <= 0:
+            return 0
+        if running < missing:
+            return missing - running
+        if not announced:
+            console.print(f"waiting for {running} running trial(s) of other workers (a dead worker's trial is re-run here)")
+            announced = True
+        interrupt.sleep(HEARTBEAT_SECONDS)
+
+
+def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float, console: Console | None = None) -> None:
+    """Summarise the study on its parent run; the last worker out closes it. Runs while an error
+    may be propagating, so a failure here is reported in one line, never raised over it."""
+    console = console or Console(stderr=True)
+    try:
+        others_running = any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+    except Exception as err:  # the storage is gone: the parent stays as it was, the trials are safe in Optuna
+        console.print(f"warning: study storage unreachable, parent run {parent_id} not summarised ({type(err).__name__})")
+        return
+    try:
+        summarise_to_parent(study, parent_id, seconds, final=not others_running)
+    except Exception as err:  # the tracking store is gone, or another worker logged the summary first
+        console.print(f"warning: parent run {parent_id} not summarised: {type(err).__name__}: {tracking.mask_url(str(err))[:200]}")
+    if not others_running:
+        try:
+            tracking.close_run(parent_id, status)
+        except Exception as err:
+            console.print(f"warning: parent run {parent_id} left open: {type(err).__name__}: {tracking.mask_url(str(err))[:200]}")
