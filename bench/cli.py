@@ -129,7 +129,7 @@ def train(experiment_file, norm, assignments, data_dir, download, save, device, 
 @click.option("--pruner", type=click.Choice(config_mod.PRUNERS), help="Pruner (default from the experiment).")
 @click.option("--tune-epochs", "tune_epochs", type=int, help="Epochs per trial (default: [tune] epochs).")
 @runtime_options
-@click.option("--jobs", default="1", show_default=True, help="Local worker processes on the study (an integer, or auto).")
+@click.option("--jobs", default="auto", show_default=True, help="Local worker processes on the study: an integer, or auto (one single-threaded worker per core where the storage allows it).")
 @friendly_errors
 def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, timeout, pruner,
          tune_epochs, device, threads, tracking_uri, jobs, epochs, seed, **values):
@@ -150,6 +150,28 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
             run_workers(exp, opts, worker_argv(sys.argv[2:], exp.model.norm), n_jobs, console)
         else:
             run_study(exp, opts, console)
+
+
+@cli.command()
+@click.option("--study", required=True, help="A study whose trials trained every epoch (e.g. one run with --pruner none).")
+@click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
+@click.option("--reduction-factor", default=3, show_default=True, type=click.IntRange(2), help="Successive halving's cut: the best 1/N go on.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table to this JSON file.")
+@friendly_errors
+def rungs(study, storage, reduction_factor, json_path):
+    """How well each epoch's validation accuracy ranks a study's trials as their final result does (Spearman)."""
+    import json
+    from pathlib import Path
+
+    from .tune.rungs import rank_correlations, render_rungs
+    from .tune.storage import load_existing_study
+
+    result = rank_correlations(load_existing_study(study, storage), reduction_factor)
+    render_rungs(result, console)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        console.print(f"wrote {json_path}")
 
 
 @cli.command()

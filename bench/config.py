@@ -21,7 +21,7 @@ STUDY_NORMS = ("bn", "gn", "ln")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
-PRUNERS = ("median", "halving", "none")
+PRUNERS = ("halving", "median", "none")
 DROPOUT_AT = ("head", "blocks")  # resnet: dropout before the classifier, or between each block's two convs
 
 
@@ -108,9 +108,12 @@ class TuneConfig:
     trials: int = 20
     epochs: int = 0  # epochs per trial; 0 = train.epochs
     train_subset: int = 0  # trials train on the first N training images (0 = all); confirm runs use all
-    pruner: str = "median"
-    warmup_epochs: int = 1  # epochs a trial runs before it may be pruned
-    startup_trials: int = 5  # trials before the pruner and TPE take over
+    pruner: str = "halving"
+    min_epochs: int = 3  # halving: the first rung; survivors go on to min_epochs * reduction_factor**k epochs
+    reduction_factor: int = 3  # halving: the best 1/reduction_factor of the trials at a rung go on
+    warmup_epochs: int = 1  # median: epochs a trial runs before it may be pruned
+    startup_trials: int = 5  # trials before the median pruner and TPE take over
+    baseline: bool = True  # trial 0 trains the experiment's own values of the searched hyperparameters
 
 
 @dataclass
@@ -313,6 +316,10 @@ def validate(exp: Experiment) -> None:
         ("trials", exp.tune.trials >= 1, "must be >= 1"),
         ("tune.epochs", exp.tune.epochs >= 0, "must be >= 0"),
         ("tune.train_subset", exp.tune.train_subset >= 0, "must be >= 0"),
+        ("tune.min_epochs", exp.tune.min_epochs >= 1, "must be >= 1"),
+        ("tune.reduction_factor", exp.tune.reduction_factor >= 2, "must be >= 2"),
+        ("tune.warmup_epochs", exp.tune.warmup_epochs >= 0, "must be >= 0"),
+        ("tune.startup_trials", exp.tune.startup_trials >= 0, "must be >= 0"),
     ]
     for key, ok, rule in checks:
         if not ok:

@@ -335,12 +335,54 @@ def log_predictions(predicted: torch.Tensor, test, n_examples: int = 10) -> None
         mlflow.log_artifact(str(path), "predictions")
 
 
-def register(model_uri: str, name: str, tags: dict[str, Any] | None = None) -> str:
-    """Register ``model_uri`` as a new version of registered model ``name``; returns the version."""
+CHAMPION = "champion"
+
+
+def champion_uri(name: str) -> str:
+    return f"models:/{name}@{CHAMPION}"
+
+
+def champion(name: str):
+    """The model version registered model ``name``'s champion alias points at, or None."""
     import mlflow
 
-    version = mlflow.register_model(model_uri, name, tags=tags)
-    return version.version
+    try:
+        return mlflow.MlflowClient().get_model_version_by_alias(name, CHAMPION)
+    except mlflow.exceptions.MlflowException:  # no such model, or no alias yet
+        return None
+
+
+def promote_champion(model_uri: str, name: str, val_acc: float, tags: dict[str, Any]) -> str | None:
+    """Register ``model_uri`` as a new version of ``name`` and point the champion alias at it, if its
+    validation accuracy beats the current champion's; returns the new version, or None. Validation,
+    never test, decides: the test set chooses nothing."""
+    import mlflow
+
+    current = champion(name)
+    if current is not None and val_acc <= float(current.tags.get("val_acc", "-inf")):
+        return None
+    version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()}).version
+    client = mlflow.MlflowClient()
+    latest = champion(name)  # another worker may have promoted a better model meanwhile
+    if latest is None or val_acc > float(latest.tags.get("val_acc", "-inf")):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        return version
+    client.set_model_version_tag(name, version, "superseded_by", latest.version)
+    return None
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    """Tags on the active run."""
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def active_model_uri() -> str | None:
+    """The model URI ``log_model`` recorded on the active run."""
+    import mlflow
+
+    return mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri")
 
 
 def load_model(model_uri: str) -> torch.nn.Module:

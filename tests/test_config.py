@@ -45,8 +45,9 @@ def test_bn_experiment_values():
     assert exp.train.weight_decay == 5e-4 and isinstance(exp.train.weight_decay, float)
     assert exp.train.epochs == 15 and isinstance(exp.train.epochs, int)
     lr = exp.search["lr"]
-    assert (lr.low, lr.high, lr.log) == (0.01, 0.5, True)
-    assert load(EXPERIMENTS / "gn.toml").search["groups"].choices == [1, 2, 4, 8]
+    assert (lr.low, lr.high, lr.log) == (0.02, 0.4, True)
+    assert exp.search["width"].choices == [1.0, 1.25, 1.5, 1.75]
+    assert load(EXPERIMENTS / "gn.toml").search["groups"].choices == [2, 4, 8]
 
 
 def test_missing_sections_take_defaults(tmp_path):

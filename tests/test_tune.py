@@ -46,6 +46,14 @@ def tiny_experiment(norm: str = "bn", **overrides) -> config.Experiment:
     return config.override(exp, **{**TINY, **overrides})
 
 
+def over_budget_experiment() -> config.Experiment:
+    """Every sampled width is over the budget, so trials are rejected untrained; no baseline (its width 1.0 is outside)."""
+    exp = tiny_experiment()
+    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)
+    exp.tune.baseline = False
+    return exp
+
+
 def runs_of(study: str) -> list:
     return mlflow.search_runs(experiment_names=[study], output_format="list")
 
@@ -95,8 +103,7 @@ def test_rerun_resumes_to_the_total(store):
 
 
 def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
-    exp = tiny_experiment()
-    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)
+    exp = over_budget_experiment()
 
     def no_training(*args, **kwargs):
         raise AssertionError("an over-budget trial must not train")
@@ -115,8 +122,7 @@ def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
 
 
 def test_resuming_with_a_changed_search_space_is_refused_before_any_trial(store, monkeypatch):
-    exp = tiny_experiment()
-    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)  # over budget: trials are rejected, not trained
+    exp = over_budget_experiment()  # trials are rejected, not trained
     run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
     run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))  # same space: resumes
 
@@ -129,8 +135,7 @@ def test_resuming_with_a_changed_search_space_is_refused_before_any_trial(store,
 
 
 def test_resuming_with_changed_fixed_settings_is_refused_before_any_trial(store):
-    exp = tiny_experiment()
-    exp.search["width"] = config.Dimension("width", low=4.0, high=5.0)  # over budget: trials are rejected, not trained
+    exp = over_budget_experiment()  # trials are rejected, not trained
     run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
     assert load_study("bn").user_attrs["fixed_recipe"]["tta_shift"] == "0"
     faster = config.override(copy.deepcopy(exp), eval_batch_size=123)  # speed only: resumes

@@ -15,7 +15,9 @@ from ..errors import ConfigError, TrackingError
 from .recovery import finished_count, fail_dead_local_trials
 from .options import TuneOptions
 from .study import prepare_study, study_target, open_study_parent, finish_parent
-from .summary import best_table
+from .objective import registry_name
+from .space import trial_epochs
+from .summary import print_outcome
 
 
 def auto_jobs(opts: TuneOptions) -> int:
@@ -49,10 +51,11 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
             status = "FAILED"
         else:
             console.print(f"worker exit codes {codes}: the others re-ran what the failed worker left; the study has its {target} trials")
-    finish_parent(study, parent_id, status, time.time() - start, console)
+    epochs = trial_epochs(exp, opts)
+    finish_parent(study, parent_id, status, time.time() - start, console, epochs)
     if status == "KILLED":
         raise KeyboardInterrupt
-    console.print(best_table(study))
+    print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
     if status == "FAILED":
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); {done} of {target} trials finished"
                             + (f", dead workers' trial(s) {recovered} re-queued" if recovered else "") + "; re-run the same command to resume")

@@ -16,7 +16,7 @@ from ..errors import BenchError, DivergedError
 from ..models import count_params_fast
 from ..run import train_tracked
 from .space import suggest, as_trial
-from .recovery import counted, feasible_complete, worker_id
+from .recovery import counted, worker_id
 
 
 class SurplusTrial(BenchError):
@@ -48,7 +48,7 @@ class Objective:
         trial.set_user_attr("worker", worker_id())
         trial.set_constraint("params_over_budget", n_params - exp.budget.max_params)  # feasible when <= 0
         tags = {tracking.TAG_TRIAL: trial.number, tracking.TAG_STUDY: self.study_name, tracking.TAG_NORM: exp.model.norm}
-        label = f"trial {trial.number:>3} "
+        label = f"trial {trial.number:>3} " + ("(baseline) " if trial.user_attrs.get("baseline") else "")
         start = time.perf_counter()
         try:
             with tracking.run(self.study_name, f"trial-{trial.number}", "trial", tags=tags, parent_run_id=self.parent_id) as active:
@@ -59,7 +59,7 @@ class Objective:
                     return value
                 value = self._train(trial, exp, label)
         except optuna.TrialPruned:
-            self._line(trial, n_params, "PRUNED", start)
+            self._line(trial, n_params, f"PRUNED at epoch {len(trial.storage.get_trial(trial._trial_id).intermediate_values)}", start)
             raise
         except KeyboardInterrupt:
             trial.set_user_attr("interrupted", True)
@@ -69,7 +69,8 @@ class Objective:
             trial.set_user_attr("diverged", str(err))
             self._line(trial, n_params, f"FAIL ({err})", start)
             raise
-        self._line(trial, n_params, "COMPLETE", start)
+        version = trial.user_attrs.get("registered_version")
+        self._line(trial, n_params, "COMPLETE" + (f", new champion (v{version})" if version else ""), start)
         return value
 
     def _reject(self, trial: optuna.Trial, exp: Experiment, n_params: int) -> float:
@@ -78,33 +79,32 @@ class Objective:
         trial.set_user_attr("rejected", True)
         tracking.log_params(exp.hyperparameters())
         tracking.log_metrics({"n_params": n_params})
-        import mlflow
-
-        mlflow.set_tags({tracking.TAG_STATE: "REJECTED", "bench.rejected_reason": f"{n_params:,} params > budget {exp.budget.max_params:,}"})
+        tracking.set_tags({tracking.TAG_STATE: "REJECTED", "bench.rejected_reason": f"{n_params:,} params > budget {exp.budget.max_params:,}"})
         return 0.0
 
     def _train(self, trial: optuna.Trial, exp: Experiment, label: str) -> float:
+        baseline = bool(trial.user_attrs.get("baseline"))
+
         def report(epoch: int, record: dict[str, float]) -> None:
             trial.report(record["val_acc"], epoch)
-            if trial.should_prune():
+            if not baseline and trial.should_prune():  # the baseline always trains in full: its test accuracy is the reference
                 raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
 
-        study = trial.study
-        best_before = max((t.value for t in feasible_complete(study)), default=-math.inf)
+        if baseline:
+            tracking.set_tags({"bench.baseline": "true"})
         model, result = train_tracked(exp, self.data, self.rt, on_epoch=report, console=self.console, label=label)
-        import mlflow
-
-        mlflow.set_tag(tracking.TAG_STATE, "COMPLETE")
+        tracking.set_tags({tracking.TAG_STATE: "COMPLETE"})
         value = result.best_val_acc
         trial.set_user_attr("test_acc", result.test_acc)
         trial.set_user_attr("seconds", result.seconds)
         trial.set_user_attr("epoch_seconds", result.mean_epoch_seconds)
-        trial.set_user_attr("model_uri", mlflow.get_run(mlflow.active_run().info.run_id).data.tags.get("bench.model_uri"))
-        if value > best_before:
-            version = tracking.register(trial.user_attrs["model_uri"], registry_name(self.study_name),
-                                        tags={"study": self.study_name, "trial": str(trial.number), "val_acc": f"{value:.4f}"})
+        trial.set_user_attr("model_uri", tracking.active_model_uri())
+        version = tracking.promote_champion(trial.user_attrs["model_uri"], registry_name(self.study_name), value, tags={
+            "study": self.study_name, "trial": str(trial.number), "norm": exp.model.norm, "params": str(trial.user_attrs["n_params"]),
+            "val_acc": f"{value:.4f}", "test_acc": f"{result.test_acc:.4f}", "baseline": str(baseline).lower()})
+        if version:
             trial.set_user_attr("registered_version", version)
-            mlflow.set_tag("bench.registered_version", version)
+            tracking.set_tags({"bench.registered_version": version})
         return value
 
     def _line(self, trial: optuna.Trial, n_params: int, state: str, start: float) -> None:
@@ -112,7 +112,7 @@ class Objective:
         val = max((v for v in trial.storage.get_trial(trial._trial_id).intermediate_values.values()), default=math.nan)
         test = values.get("test_acc", math.nan)
         self.console.print(
-            f"trial {trial.number:>3}  params {n_params:>6,}  val acc {_acc(val)}  test acc {_acc(test)}  {state}  "
+            f"trial {trial.number:>3}{' (baseline)' if values.get('baseline') else ''}  params {n_params:>6,}  val acc {_acc(val)}  test acc {_acc(test)}  {state}  "
             f"{time.perf_counter() - start:.0f}s"
         )
 
@@ -123,5 +123,5 @@ def _acc(value: float) -> str:
 
 def registry_name(study: str) -> str:
     """``cifar10-bn`` for the default study of a norm; a study of another experiment (``resnet_gn``)
-    gets its own name, so ``models:/cifar10-gn/latest`` never turns into a different architecture."""
+    gets its own name, so ``models:/cifar10-gn@champion`` never turns into a different architecture."""
     return f"cifar10-{study}"

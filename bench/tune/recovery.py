@@ -35,6 +35,11 @@ def feasible_complete(study: optuna.Study) -> list[FrozenTrial]:
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not t.user_attrs.get("rejected")]
 
 
+def carried_attrs(trial: FrozenTrial) -> dict:
+    """What a re-run inherits from the trial it repeats: whether it is the study's baseline."""
+    return {"baseline": True} if trial.user_attrs.get("baseline") else {}
+
+
 def requeue_interrupted(study: optuna.Study) -> list[int]:
     """Queue again the configuration of every trial interrupted by Ctrl-C or a crash, once."""
     trials = study.get_trials(deepcopy=False)
@@ -42,7 +47,7 @@ def requeue_interrupted(study: optuna.Study) -> list[int]:
     queued = []
     for t in trials:
         if t.state == TrialState.FAIL and not {"diverged", "surplus"} & t.user_attrs.keys() and t.number not in retried:
-            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **carried_attrs(t)}, skip_if_exists=False)
             queued.append(t.number)
     return queued
 
@@ -87,7 +92,7 @@ def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> boo
 
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """Queue a dead trial's configuration again; the retry records who noticed, how and when."""
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason,
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retry_reason": reason, **carried_attrs(trial),
                                                   "requeued_by": worker_id(), "requeued_at": time.time()}, skip_if_exists=False)
 
 

@@ -27,8 +27,43 @@ def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:
         return optuna.pruners.MedianPruner(n_startup_trials=exp.tune.startup_trials, n_warmup_steps=exp.tune.warmup_epochs,
                                            n_min_trials=exp.tune.startup_trials)
     if name == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=max(1, exp.tune.warmup_epochs), reduction_factor=3)
+        # Asynchronous successive halving over epochs: rungs at min_epochs * reduction_factor**k; at each
+        # rung a trial goes on only if it is in the best 1/reduction_factor of the trials that reached it.
+        # docs/tuning.md has the rank correlations the default rung comes from.
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=exp.tune.min_epochs, reduction_factor=exp.tune.reduction_factor)
     return optuna.pruners.NopPruner()
+
+
+def rungs(exp: Experiment, epochs: int) -> list[int]:
+    """The epochs at which the halving pruner judges a trial of ``epochs`` epochs."""
+    out, rung = [], exp.tune.min_epochs
+    while rung < epochs:
+        out.append(rung)
+        rung *= exp.tune.reduction_factor
+    return out
+
+
+def baseline_params(exp: Experiment) -> dict[str, Any]:
+    """The experiment's own value of every searched hyperparameter: trial 0 of every study, so a study
+    measures its gain over the untuned configuration. Each value must lie in its search dimension."""
+    values = exp.hyperparameters()
+    params = {name: values[name] for name in exp.search}
+    for name, dist in search_distributions(exp).items():
+        inside = (params[name] in dist.choices if isinstance(dist, optuna.distributions.CategoricalDistribution)
+                  else dist.low <= params[name] <= dist.high)
+        if not inside:
+            raise ConfigError(f"the baseline trial needs {name} = {params[name]} inside [search.{name}]; widen the search "
+                              "dimension, change the default, or set [tune] baseline = false")
+    return params
+
+
+def enqueue_baseline(study: optuna.Study, exp: Experiment) -> bool:
+    """Queue the baseline as the study's first trial; only a new study gets one, so a resumed study
+    keeps its baseline and never queues it twice."""
+    if not exp.tune.baseline or study.get_trials(deepcopy=False):
+        return False
+    study.enqueue_trial(baseline_params(exp), user_attrs={"baseline": True})
+    return True
 
 
 def search_distributions(exp: Experiment) -> dict[str, optuna.distributions.BaseDistribution]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 
 from .. import tracking
-from ..errors import TrackingError
+from ..errors import ConfigError, TrackingError
 from .recovery import on_stale_trial
 
 
@@ -73,3 +73,12 @@ def storage_label(url: str | None) -> str:
 def heartbeat_enabled(study: optuna.Study) -> bool:
     interval = getattr(study._storage, "get_heartbeat_interval", None)
     return bool(interval and interval())
+
+
+def load_existing_study(name: str, url: str | None = None) -> optuna.Study:
+    """A study that must already exist in the storage; a one-line error listing the studies there if not."""
+    storage = open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    if name not in names:
+        raise ConfigError(f"no study '{name}' in {storage_label(url)} (studies: {', '.join(sorted(names)) or 'none'})")
+    return optuna.load_study(study_name=name, storage=storage)

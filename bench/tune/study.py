@@ -24,15 +24,18 @@ from ..run import load_data
 from ..train import default_device, resolve_runtime, setup_threads
 from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
-from .space import create_sampler, create_pruner, check_search_space, trial_epochs, check_fixed_recipe
+from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, trial_epochs
 from .recovery import finished, finished_count, counted, requeue_interrupted, fail_dead_local_trials
 from .objective import SurplusTrial, Objective
-from .summary import describe_dimension, summarise_to_parent, best_table
+from .objective import registry_name
+from .summary import describe_dimension, print_outcome, summarise_to_parent
 
 
 def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
     if not exp.search:
         raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
+    if exp.tune.baseline:
+        baseline_params(exp)  # a default outside its search range is an error before any work
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line instead
     storage = open_storage(opts.storage)
     try:
@@ -46,6 +49,7 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
         raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
     check_search_space(study, exp)
     check_fixed_recipe(study, exp, trial_epochs(exp, opts))
+    enqueue_baseline(study, exp)
     return study
 
 
@@ -70,7 +74,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     requeued = requeue_interrupted(study)
     done, target = study_target(study, exp, opts)
     console.print(
-        f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, pruner {opts.pruner or exp.tune.pruner}) "
+        f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, {pruner_label(exp, opts, epochs)}) "
         f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
         + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
         + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "")
@@ -113,8 +117,9 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
                             "finished trials are kept, re-run the same command once it is back") from None
     finally:
         if not os.environ.get("BENCH_PARENT_RUN_ID"):
-            finish_parent(study, parent_id, status, time.time() - start, console)
-    console.print(best_table(study))
+            finish_parent(study, parent_id, status, time.time() - start, console, epochs)
+    if not os.environ.get("BENCH_PARENT_RUN_ID"):  # a --jobs worker leaves the summary to its launcher
+        print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
     console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
     return study
 
@@ -171,7 +176,15 @@ def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
         interrupt.sleep(HEARTBEAT_SECONDS)
 
 
-def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float, console: Console | None = None) -> None:
+def pruner_label(exp: Experiment, opts: TuneOptions, epochs: int) -> str:
+    name = opts.pruner or exp.tune.pruner
+    if name == "halving":
+        return f"successive halving at epochs {', '.join(map(str, rungs(exp, epochs))) or '-'} (best 1/{exp.tune.reduction_factor} go on)"
+    return f"pruner {name}"
+
+
+def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: float, console: Console | None = None,
+                  epochs: int | None = None) -> None:
     """Summarise the study on its parent run; the last worker out closes it. Runs while an error
     may be propagating, so a failure here is reported in one line, never raised over it."""
     console = console or Console(stderr=True)
@@ -181,7 +194,7 @@ def finish_parent(study: optuna.Study, parent_id: str, status: str, seconds: flo
         console.print(f"warning: study storage unreachable, parent run {parent_id} not summarised ({type(err).__name__})")
         return
     try:
-        summarise_to_parent(study, parent_id, seconds, final=not others_running)
+        summarise_to_parent(study, parent_id, seconds, final=not others_running, epochs=epochs)
     except Exception as err:  # the tracking store is gone, or another worker logged the summary first
         console.print(f"warning: parent run {parent_id} not summarised: {type(err).__name__}: {tracking.mask_url(str(err))[:200]}")
     if not others_running:

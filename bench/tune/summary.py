@@ -32,15 +32,76 @@ def study_counts(study: optuna.Study) -> dict[str, int]:
     }
 
 
-def summarise_to_parent(study: optuna.Study, parent_id: str, seconds: float, final: bool = True) -> None:
-    """Best trial, counts and study plots on the parent run."""
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    """The trained baseline (trial 0, or its re-run after an interruption)."""
+    return next((t for t in feasible_complete(study) if t.user_attrs.get("baseline")), None)
+
+
+def best_trial(study: optuna.Study) -> FrozenTrial | None:
+    trained = feasible_complete(study)
+    return max(trained, key=lambda t: t.value) if trained else None
+
+
+def epoch_counts(study: optuna.Study, epochs: int) -> dict[str, int]:
+    """Epochs the trained trials ran, against what they would have run unpruned."""
+    trained = [t for t in study.get_trials(deepcopy=False) if t.intermediate_values and not t.user_attrs.get("rejected")]
+    ran = sum(len(t.intermediate_values) for t in trained)
+    return {"epochs_trained": ran, "epochs_unpruned": epochs * len(trained), "epochs_saved": epochs * len(trained) - ran}
+
+
+def outcome_metrics(study: optuna.Study, epochs: int) -> dict[str, float]:
+    """Baseline -> best on validation and test, with the gains, and the epochs pruning saved."""
+    metrics: dict[str, float] = {**epoch_counts(study, epochs)}
+    for name, trial in (("baseline", baseline_trial(study)), ("best", best_trial(study))):
+        if trial is not None:
+            metrics |= {f"{name}_val_acc": trial.value, f"{name}_test_acc": trial.user_attrs.get("test_acc", math.nan),
+                        f"{name}_trial": trial.number, f"{name}_params": trial.user_attrs.get("n_params", 0)}
+    if "baseline_val_acc" in metrics and "best_val_acc" in metrics:
+        metrics["gain_val_acc"] = metrics["best_val_acc"] - metrics["baseline_val_acc"]
+        metrics["gain_test_acc"] = metrics["best_test_acc"] - metrics["baseline_test_acc"]
+    return metrics
+
+
+def outcome_table(study: optuna.Study, epochs: int) -> Table:
+    """The end of a study in one table: the untuned baseline, the best trial, the gain."""
+    m = outcome_metrics(study, epochs)
+    table = Table(title=f"study '{study.study_name}': baseline -> best", title_justify="left",
+                  caption=f"pruning: {m['epochs_trained']} of {m['epochs_unpruned']} epochs trained "
+                          f"({m['epochs_saved']} saved)", caption_justify="left")
+    for col in ("", "trial", "params", "val acc", "test acc"):
+        table.add_column(col, justify="left" if not col else "right")
+    for name in ("baseline", "best"):
+        if f"{name}_trial" in m:
+            table.add_row(name, str(int(m[f"{name}_trial"])), f"{int(m[f'{name}_params']):,}", f"{m[f'{name}_val_acc']:.4f}",
+                          f"{m[f'{name}_test_acc']:.4f}")
+    if "gain_val_acc" in m:
+        table.add_row("gain", "", "", f"{m['gain_val_acc']:+.4f}", f"{m['gain_test_acc']:+.4f}")
+    return table
+
+
+def next_steps(study: optuna.Study, norm: str, registry_name: str) -> list[str]:
+    """What the user has, and the commands that take it further."""
+    lines = []
+    version = tracking.champion(registry_name)
+    if version is not None:
+        lines.append(f"champion: {tracking.champion_uri(registry_name)} = version {version.version} (trial {version.tags.get('trial')}, "
+                     f"val acc {version.tags.get('val_acc')}, test acc {version.tags.get('test_acc')}); the alias moves only on improvement")
+    study_flag = "" if study.study_name == norm else f" --study {study.study_name}"
+    lines += [f"next: bench confirm --norm {norm}{study_flag} --seeds 3   (re-train the best with 3 seeds)",
+              "      bench report                                  (compare the norms, with statistics)",
+              "      bench ui                                      (browse every trial in MLflow)"]
+    return lines
+
+
+def summarise_to_parent(study: optuna.Study, parent_id: str, seconds: float, final: bool = True, epochs: int | None = None) -> None:
+    """Best trial, baseline -> best, counts and study plots on the parent run."""
     counts = study_counts(study)
     trials_seconds = sum((t.duration.total_seconds() for t in study.trials if t.duration), 0.0)
-    tracking.log_to_run(parent_id, metrics={**counts, "study_seconds": seconds, "trials_seconds_total": trials_seconds})
-    best = feasible_complete(study)
-    if not best:
+    outcome = outcome_metrics(study, epochs) if epochs else {}
+    tracking.log_to_run(parent_id, metrics={**counts, **outcome, "study_seconds": seconds, "trials_seconds_total": trials_seconds})
+    top = best_trial(study)
+    if top is None:
         return
-    top = max(best, key=lambda t: t.value)
     tracking.log_to_run(
         parent_id,
         metrics={"best_val_acc": top.value, "best_test_acc": top.user_attrs.get("test_acc"), "best_trial": top.number},
@@ -56,7 +117,8 @@ def study_plots(study: optuna.Study) -> dict[str, str]:
     import optuna.visualization as vis
 
     plots = {"optimization_history": vis.plot_optimization_history, "param_importances": vis.plot_param_importances,
-             "parallel_coordinate": vis.plot_parallel_coordinate, "pareto_params": pareto_figure}
+             "parallel_coordinate": vis.plot_parallel_coordinate, "pareto_params": pareto_figure,
+             "pareto_seconds": pareto_cost_figure}
     html = {"study/best_trials.md": best_trials_markdown(study)}
     for name, plot in plots.items():
         try:
@@ -68,26 +130,32 @@ def study_plots(study: optuna.Study) -> dict[str, str]:
     return html
 
 
-def pareto_figure(study: optuna.Study):
-    """Best validation accuracy against parameters of every trained trial; the non-dominated ones
-    (no trial with fewer parameters is more accurate) joined as the front."""
+def pareto_figure(study: optuna.Study, cost: str = "n_params"):
+    """Best validation accuracy against a cost (``n_params``, or ``epoch_seconds``: training seconds per
+    epoch) of every trained trial; the non-dominated ones (no cheaper trial is more accurate) joined as the front."""
     import plotly.graph_objects as go
 
-    trials = sorted(feasible_complete(study), key=lambda t: t.number)
+    trials = sorted((t for t in feasible_complete(study) if t.user_attrs.get(cost) is not None), key=lambda t: t.number)
     if not trials:
         raise ValueError("no complete trials")
-    params = [t.user_attrs.get("n_params", 0) for t in trials]
+    costs = [t.user_attrs[cost] for t in trials]
     accs = [t.value for t in trials]
-    hover = [f"trial {t.number}<br>{n:,} params<br>val acc {t.value:.4f}<br>{epoch_seconds(t)} s/epoch" for t, n in zip(trials, params)]
-    front = pareto_front(params, accs)
+    hover = [f"trial {t.number}<br>{t.user_attrs.get('n_params', 0):,} params<br>val acc {t.value:.4f}<br>{epoch_seconds(t)} s/epoch"
+             for t in trials]
+    front = pareto_front(costs, accs)
+    label = {"n_params": "parameters", "epoch_seconds": "training seconds per epoch"}[cost]
     fig = go.Figure([
-        go.Scatter(x=params, y=accs, mode="markers", name="trials", text=hover, hoverinfo="text"),
-        go.Scatter(x=[params[i] for i in front], y=[accs[i] for i in front], mode="lines+markers", name="Pareto front",
+        go.Scatter(x=costs, y=accs, mode="markers", name="trials", text=hover, hoverinfo="text"),
+        go.Scatter(x=[costs[i] for i in front], y=[accs[i] for i in front], mode="lines+markers", name="Pareto front",
                    text=[hover[i] for i in front], hoverinfo="text"),
     ])
-    fig.update_layout(title=f"study '{study.study_name}': validation accuracy vs parameters",
-                      xaxis_title="parameters", yaxis_title="best validation accuracy")
+    fig.update_layout(title=f"study '{study.study_name}': validation accuracy vs {label}", xaxis_title=label,
+                      yaxis_title="best validation accuracy")
     return fig
+
+
+def pareto_cost_figure(study: optuna.Study):
+    return pareto_figure(study, "epoch_seconds")
 
 
 BEST_COLUMNS = ("trial", "params", "val acc", "test acc", "seconds", "s / epoch", "hyperparameters")
@@ -127,3 +195,11 @@ def best_table(study: optuna.Study, top_k: int = 5) -> Table:
     for cells in best_rows(study, top_k):
         table.add_row(*cells)
     return table
+
+
+def print_outcome(study: optuna.Study, console, norm: str, epochs: int, registry_name: str) -> None:
+    """The end of ``bench tune``: best trials, baseline -> best, the champion and what to run next."""
+    console.print(best_table(study))
+    console.print(outcome_table(study, epochs))
+    for line in next_steps(study, norm, registry_name):
+        console.print(line)

@@ -1,0 +1,155 @@
+"""The study procedure: the baseline trial, successive halving's rungs, the champion alias, the fast
+width grid, the rank correlations behind the rungs and the end-of-study outcome."""
+
+from __future__ import annotations
+
+import mlflow
+import optuna
+import pytest
+import torch
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+from rich.console import Console
+
+from bench import config, tracking
+from bench.errors import ConfigError
+from bench.models import count_params, count_params_fast, create_model
+from bench.tune import TuneOptions, run_study, suggest
+from bench.tune.recovery import requeue_interrupted
+from bench.tune.rungs import rank_correlations
+from bench.tune.space import baseline_params, enqueue_baseline, rungs
+from bench.tune.summary import outcome_metrics
+from test_tune import REPO, data_dir, load_study, runs_of, store, tiny_experiment  # noqa: F401  (store is a fixture)
+
+FILE_DEFAULTS = {"lr": 0.1, "dropout": 0.05, "weight_decay": 5e-4, "width": 1.0}
+
+
+@pytest.mark.parametrize("norm", ["bn", "gn", "ln"])
+def test_the_norms_share_one_procedure(norm):
+    exp, bn = config.load(REPO / "experiments" / f"{norm}.toml"), config.load(REPO / "experiments" / "bn.toml")
+    assert exp.tune == bn.tune and exp.budget == bn.budget and exp.train == bn.train
+    assert {k: v for k, v in exp.search.items() if k != "groups"} == bn.search
+    assert exp.tune.epochs == 0 and exp.tune.train_subset == 0 and exp.tune.pruner == "halving"  # the real schedule
+
+
+def test_trial_0_trains_the_experiment_files_values_and_a_resumed_study_keeps_it(store):
+    exp = tiny_experiment()
+    assert baseline_params(exp) == FILE_DEFAULTS
+    console = Console(record=True, width=200)
+    run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1), console)
+    run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1), console)
+    study = load_study("bn")
+    assert len(study.trials) == 2
+    assert study.trials[0].params == FILE_DEFAULTS and study.trials[0].user_attrs["baseline"]
+    assert not study.trials[1].user_attrs.get("baseline")  # enqueued once, not again on resume
+    baseline_runs = [r for r in runs_of("bn") if r.data.tags.get("bench.baseline") == "true"]
+    assert len(baseline_runs) == 1 and float(baseline_runs[0].data.params["lr"]) == 0.1
+    text = console.export_text()
+    assert "trial   0 (baseline)" in text and "baseline -> best" in text and "bench confirm --norm bn --seeds 3" in text
+
+
+def test_a_baseline_outside_its_search_range_is_an_error_before_any_work():
+    exp = tiny_experiment()
+    exp.search["lr"] = config.Dimension("lr", low=0.2, high=0.4, log=True)
+    with pytest.raises(ConfigError, match=r"lr = 0.1 inside \[search.lr\]"):
+        baseline_params(exp)
+
+
+def test_an_interrupted_baseline_is_queued_again_as_the_baseline():
+    exp = tiny_experiment()
+    study = optuna.create_study(direction="maximize")
+    assert enqueue_baseline(study, exp) and not enqueue_baseline(study, exp)
+    trial = study.ask()
+    suggest(trial, exp)  # takes the queued values
+    study.tell(trial, state=TrialState.FAIL)
+    assert requeue_interrupted(study) == [0]
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1 and waiting[0].user_attrs["baseline"] and waiting[0].system_attrs["fixed_params"] == FILE_DEFAULTS
+
+
+def test_rungs_follow_min_epochs_and_the_reduction_factor():
+    exp = tiny_experiment()
+    assert rungs(exp, 15) == [3, 9]
+    exp.tune.min_epochs, exp.tune.reduction_factor = 2, 4
+    assert rungs(exp, 15) == [2, 8] and rungs(exp, 2) == []
+
+
+class AlwaysPrune(optuna.pruners.BasePruner):
+    def prune(self, study, trial) -> bool:
+        return True
+
+
+def test_a_pruned_trial_never_becomes_champion(store, monkeypatch):
+    monkeypatch.setattr("bench.tune.study.create_pruner", lambda name, exp: AlwaysPrune())
+    study = run_study(tiny_experiment(), TuneOptions(trials=3, epochs=2, data_dir=data_dir(), threads=1))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.PRUNED]  # the baseline is never pruned
+    champion = tracking.champion("cifar10-bn")
+    assert champion.tags["trial"] == "0" and champion.tags["baseline"] == "true"
+    assert len(mlflow.MlflowClient().search_model_versions("name='cifar10-bn'")) == 1
+    assert all("bench.registered_version" not in r.data.tags for r in runs_of("bn") if r.data.tags.get(tracking.TAG_STATE) == "PRUNED")
+
+
+def test_the_champion_alias_moves_only_on_improvement(store):
+    tracking.setup()
+    with tracking.run("bn", "model", "train"):
+        uri = tracking.log_model(torch.nn.Conv2d(3, 10, 32))
+    name = "cifar10-test"
+    assert tracking.champion(name) is None
+    first = tracking.promote_champion(uri, name, 0.50, tags={"val_acc": "0.5000", "trial": 1})
+    assert tracking.champion(name).version == first
+    assert tracking.promote_champion(uri, name, 0.45, tags={"val_acc": "0.4500", "trial": 2}) is None  # worse: not even registered
+    assert tracking.promote_champion(uri, name, 0.50, tags={"val_acc": "0.5000", "trial": 3}) is None  # a tie is no improvement
+    assert tracking.champion(name).version == first
+    better = tracking.promote_champion(uri, name, 0.55, tags={"val_acc": "0.5500", "trial": 4})
+    assert better != first and tracking.champion(name).version == better
+    assert tracking.champion_uri(name) == "models:/cifar10-test@champion"
+    assert len(mlflow.MlflowClient().search_model_versions(f"name='{name}'")) == 2
+
+
+@pytest.mark.parametrize("norm,groups", [("bn", 4), ("gn", 2), ("gn", 4), ("gn", 8), ("ln", 4)])
+def test_the_width_grid_keeps_the_budget_check_exact(norm, groups):
+    exp = config.load(REPO / "experiments" / f"{norm}.toml")
+    for width in exp.search["width"].choices:
+        kwargs = {"preset": "seed_bn", "norm": norm, "width": width, "groups": groups}
+        model = create_model(**kwargs)
+        assert count_params_fast(**kwargs) == count_params(model)  # what the budget check counts is what trains
+        if norm == "gn":  # widths snap to multiples of the group count (28 channels become 32 with 8 groups: over budget, rejected)
+            assert all(m.num_channels % groups == 0 for m in model.modules() if isinstance(m, torch.nn.GroupNorm))
+        else:
+            assert count_params(model) <= exp.budget.max_params
+    assert count_params_fast(preset="seed_bn", norm=norm, width=2.0, groups=groups) > exp.budget.max_params
+
+
+def synthetic_study(curves: dict[int, list[float]], baseline: int | None = None) -> optuna.Study:
+    study = optuna.create_study(direction="maximize")
+    dist = {"lr": FloatDistribution(0.01, 1.0)}
+    for number, curve in curves.items():
+        values = dict(enumerate(curve, 1))
+        study.add_trial(create_trial(value=max(curve), params={"lr": 0.1}, distributions=dist, intermediate_values=values,
+                                     user_attrs={"baseline": number == baseline, "test_acc": max(curve) - 0.01, "n_params": 1000}))
+    return study
+
+
+def test_rank_correlations_per_epoch():
+    # epoch 1 ranks the trials backwards, epoch 2 as the final objective does
+    study = synthetic_study({0: [0.40, 0.60, 0.61], 1: [0.30, 0.70, 0.71], 2: [0.20, 0.80, 0.81], 3: [0.10, 0.90, 0.91]})
+    result = rank_correlations(study, reduction_factor=2)
+    rows = {r["epoch"]: r for r in result["rows"]}
+    assert rows[1]["spearman"] == pytest.approx(-1.0) and rows[2]["spearman"] == pytest.approx(1.0)
+    assert not rows[1]["best_kept"] and rows[2]["best_kept"] and rows[2]["best_rank"] == 1
+    assert result["kept_per_rung"] == 2
+
+
+def test_rank_correlations_need_fully_trained_trials():
+    with pytest.raises(ConfigError, match="need 3 or more"):
+        rank_correlations(synthetic_study({0: [0.1, 0.2], 1: [0.3, 0.4]}))
+
+
+def test_outcome_is_baseline_to_best_with_the_epochs_pruning_saved():
+    study = synthetic_study({0: [0.50, 0.60, 0.62], 1: [0.55, 0.65, 0.70]}, baseline=0)
+    study.add_trial(create_trial(state=TrialState.PRUNED, params={"lr": 0.2}, distributions={"lr": FloatDistribution(0.01, 1.0)},
+                                 intermediate_values={1: 0.3}))  # pruned at the first rung
+    m = outcome_metrics(study, epochs=3)
+    assert m["baseline_trial"] == 0 and m["best_trial"] == 1
+    assert m["gain_val_acc"] == pytest.approx(0.08) and m["gain_test_acc"] == pytest.approx(0.08)
+    assert (m["epochs_trained"], m["epochs_unpruned"], m["epochs_saved"]) == (7, 9, 2)
