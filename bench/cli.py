@@ -153,12 +153,12 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
 
 
 @cli.command()
-@click.option("--study", required=True, help="A study whose trials trained every epoch (e.g. one run with --pruner none).")
+@click.option("--study", "studies", required=True, multiple=True, help="A study whose trials trained every epoch (e.g. one run with --pruner none); repeat to pool studies of one procedure.")
 @click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
 @click.option("--reduction-factor", default=3, show_default=True, type=click.IntRange(2), help="Successive halving's cut: the best 1/N go on.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the table to this JSON file.")
 @friendly_errors
-def rungs(study, storage, reduction_factor, json_path):
+def rungs(studies, storage, reduction_factor, json_path):
     """How well each epoch's validation accuracy ranks a study's trials as their final result does (Spearman)."""
     import json
     from pathlib import Path
@@ -166,7 +166,7 @@ def rungs(study, storage, reduction_factor, json_path):
     from .tune.rungs import rank_correlations, render_rungs
     from .tune.storage import load_existing_study
 
-    result = rank_correlations(load_existing_study(study, storage), reduction_factor)
+    result = rank_correlations([load_existing_study(name, storage) for name in studies], reduction_factor)
     render_rungs(result, console)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

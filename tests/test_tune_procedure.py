@@ -69,7 +69,7 @@ def test_an_interrupted_baseline_is_queued_again_as_the_baseline():
 
 def test_rungs_follow_min_epochs_and_the_reduction_factor():
     exp = tiny_experiment()
-    assert rungs(exp, 15) == [3, 9]
+    assert rungs(exp, 15) == [1, 3, 9]
     exp.tune.min_epochs, exp.tune.reduction_factor = 2, 4
     assert rungs(exp, 15) == [2, 8] and rungs(exp, 2) == []
 

@@ -26,12 +26,17 @@ def full_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if len(t.intermediate_values) == epochs]
 
 
-def rank_correlations(study: optuna.Study, reduction_factor: int = 3) -> dict:
+def rank_correlations(studies: optuna.Study | list[optuna.Study], reduction_factor: int = 3) -> dict:
     """Per epoch: Spearman's rho (and its p-value) between that epoch's validation accuracy and the
-    objective, and whether the eventual best trial is in the best 1/reduction_factor at that epoch."""
-    trials = full_trials(study)
+    objective, and whether the eventual best trial is in the best 1/reduction_factor at that epoch.
+    Several studies of one procedure pool their fully trained trials."""
+    studies = studies if isinstance(studies, list) else [studies]
+    trials = [t for study in studies for t in full_trials(study)]
+    names = ", ".join(s.study_name for s in studies)
+    if len({len(t.intermediate_values) for t in trials}) > 1:
+        raise ConfigError(f"studies {names} trained different numbers of epochs; pool only studies of one procedure")
     if len(trials) < 3:
-        raise ConfigError(f"study '{study.study_name}' has {len(trials)} fully trained trial(s); rank correlations need 3 or more "
+        raise ConfigError(f"study '{names}' has {len(trials)} fully trained trial(s); rank correlations need 3 or more "
                           "(run a few trials with --pruner none)")
     finals = [t.value for t in trials]
     best = max(range(len(trials)), key=finals.__getitem__)
@@ -43,7 +48,7 @@ def rank_correlations(study: optuna.Study, reduction_factor: int = 3) -> dict:
         rank_of_best = sorted(at_epoch, reverse=True).index(at_epoch[best]) + 1
         rows.append({"epoch": epoch, "spearman": float(rho), "p_value": float(p), "best_rank": rank_of_best,
                      "best_kept": rank_of_best <= keep})
-    return {"study": study.study_name, "trials": [t.number for t in trials], "reduction_factor": reduction_factor,
+    return {"study": names, "trials": len(trials), "reduction_factor": reduction_factor,
             "kept_per_rung": keep, "rows": rows}
 
 
@@ -51,7 +56,7 @@ def render_rungs(result: dict, console) -> None:
     from rich.table import Table
 
     table = Table(title=f"study '{result['study']}': epoch-k validation accuracy vs the final objective, "
-                        f"{len(result['trials'])} fully trained trials", title_justify="left",
+                        f"{result['trials']} fully trained trials", title_justify="left",
                   caption=f"best kept: the eventual best trial is among the top {result['kept_per_rung']} "
                           f"(1/{result['reduction_factor']}) at that epoch", caption_justify="left")
     for col in ("epoch", "Spearman rho", "p", "rank of the best", "best kept"):
