@@ -26,12 +26,23 @@ def full_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return [t for t in trials if len(t.intermediate_values) == epochs]
 
 
+def distinct(trials: list[optuna.trial.FrozenTrial]) -> list[optuna.trial.FrozenTrial]:
+    """One trial per configuration: pooled studies with the same sampler seed draw the same first trials."""
+    seen, out = set(), []
+    for t in trials:
+        key = tuple(sorted(t.params.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
+
+
 def rank_correlations(studies: optuna.Study | list[optuna.Study], reduction_factor: int = 3) -> dict:
     """Per epoch: Spearman's rho (and its p-value) between that epoch's validation accuracy and the
     objective, and whether the eventual best trial is in the best 1/reduction_factor at that epoch.
     Several studies of one procedure pool their fully trained trials."""
     studies = studies if isinstance(studies, list) else [studies]
-    trials = [t for study in studies for t in full_trials(study)]
+    trials = distinct([t for study in studies for t in full_trials(study)])
     names = ", ".join(s.study_name for s in studies)
     if len({len(t.intermediate_values) for t in trials}) > 1:
         raise ConfigError(f"studies {names} trained different numbers of epochs; pool only studies of one procedure")
