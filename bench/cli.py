@@ -165,6 +165,18 @@ def ui(host, port, tracking_uri):
 
 
 @cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
+@friendly_errors
+def dashboard(host, port, storage):
+    """Serve optuna-dashboard on the project's Optuna store (pip install 'bench[dashboard]')."""
+    from .dashboard import serve_dashboard
+
+    serve_dashboard(host, port, storage, echo=console.print)
+
+
+@cli.command()
 @click.option("--norm", type=click.Choice(config_mod.NORMS), default="bn", show_default=True)
 @click.option("--preset", help="Model preset (default: seed_gn for lnchw, else seed_bn).")
 @click.option("--steps", type=int, default=50, show_default=True, help="Training steps per repeat and contender.")
