@@ -159,7 +159,7 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
 @friendly_errors
 def ui(host, port, tracking_uri):
     """Serve the MLflow UI on the project's store."""
-    from .tracking import serve_ui
+    from .servers import serve_ui
 
     serve_ui(host, port, tracking_uri, echo=console.print)
 
@@ -171,7 +171,7 @@ def ui(host, port, tracking_uri):
 @friendly_errors
 def dashboard(host, port, storage):
     """Serve optuna-dashboard on the project's Optuna store (pip install 'bench[dashboard]')."""
-    from .dashboard import serve_dashboard
+    from .servers import serve_dashboard
 
     serve_dashboard(host, port, storage, echo=console.print)
 

@@ -126,15 +126,19 @@ def experiment_id(name: str) -> str:
         return exp.experiment_id
 
 
-def tag_experiments() -> None:
-    """Tag every experiment of the store that has no kind yet (created before bench tagged them),
-    so the UI opens each on its runs table."""
+def tag_experiments() -> list[tuple[str, str]]:
+    """Tag every experiment of the store that has no kind yet (created before bench tagged them);
+    returns (id, name) of each experiment that has runs or is not MLflow's empty Default."""
     import mlflow
 
     client = mlflow.MlflowClient()
-    for exp in client.search_experiments():
+    found = []
+    for exp in client.search_experiments(order_by=["last_update_time DESC"]):
         if EXPERIMENT_KIND_TAG not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if exp.experiment_id != "0" or client.search_runs([exp.experiment_id], max_results=1):
+            found.append((exp.experiment_id, exp.name))
+    return found
 
 
 @contextlib.contextmanager
@@ -384,23 +388,3 @@ def load_model(model_uri: str) -> torch.nn.Module:
     from .inference import unwrap
 
     return unwrap(mlflow.pytorch.load_model(model_uri, map_location="cpu"))
-
-
-def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:
-    """Run ``mlflow server`` on the project's store until interrupted."""
-    import subprocess
-    import sys
-
-    uri = resolve_uri(uri)
-    if uri.startswith("http"):
-        raise TrackingError(f"{mask_url(uri)} is already a tracking server; open it in a browser")
-    setup(uri)
-    tag_experiments()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:///"):
-        cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()]
-    echo(f"MLflow UI for {mask_url(uri)} at http://{host}:{port}  (Ctrl-C to stop)")
-    try:
-        subprocess.run(cmd, check=False)
-    except KeyboardInterrupt:
-        pass

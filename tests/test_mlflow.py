@@ -69,8 +69,21 @@ def test_experiments_bench_creates_or_opens_are_tagged_as_model_training(isolate
         assert mlflow.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
     other = mlflow.create_experiment("never-trained-into")
-    tracking.tag_experiments()  # what `bench ui` does before serving
+    listed = tracking.tag_experiments()  # what `bench ui` does before serving
     assert mlflow.get_experiment(other).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert sorted(listed) == sorted([(new, "fresh"), (old, "made-before"), (other, "never-trained-into")])  # not the empty Default
+
+
+def test_bench_ui_lists_each_experiments_runs_table(isolated_mlruns, monkeypatch):
+    tracking.setup()
+    exp_id = mlflow.create_experiment("bn")
+    started = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: started.append(cmd))
+    result = CliRunner().invoke(cli, ["ui", "--port", "5099"])
+    assert result.exit_code == 0, result.output
+    assert f"bn: http://127.0.0.1:5099/#/experiments/{exp_id}/runs?workflowType=machine_learning" in result.output
+    assert started[0][1:4] == ["-m", "mlflow", "server"] and "5099" in started[0]
+    assert mlflow.get_experiment(exp_id).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
 
 
 def test_an_experiment_kind_the_user_chose_is_kept(isolated_mlruns):
