@@ -31,7 +31,8 @@ TAG_STATE = "bench.state"  # COMPLETE | PRUNED | FAIL | REJECTED | INTERRUPTED
 TAG_TRIAL = "optuna.trial_number"
 TAG_ERROR = "bench.error"
 
-# The MLflow UI opens an experiment of this kind on its runs table, not on the GenAI overview.
+# MLflow's record of what an experiment is for (its UI 3.17 picks an experiment's page from its own
+# GenAI / Model training switch instead: see servers.runs_url).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TRAINING_KINDS = ("train", "trial", "confirm", "batch_size")  # runs that get MLflow's system metrics
 
