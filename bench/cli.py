@@ -181,9 +181,21 @@ def rungs(studies, storage, reduction_factor, json_path):
 @friendly_errors
 def ui(host, port, tracking_uri):
     """Serve the MLflow UI on the project's store."""
-    from .tracking import serve_ui
+    from .servers import serve_ui
 
     serve_ui(host, port, tracking_uri, echo=console.print)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
+@friendly_errors
+def dashboard(host, port, storage):
+    """Serve optuna-dashboard on the project's Optuna store (pip install 'bench[dashboard]')."""
+    from .servers import serve_dashboard
+
+    serve_dashboard(host, port, storage, echo=console.print)
 
 
 @cli.command()

@@ -7,7 +7,6 @@ Runs use MLflow's fluent API, so a study shows in the UI as a tree: one parent r
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import time
@@ -18,6 +17,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from . import mlflow_log
 from .errors import BudgetError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -30,6 +30,11 @@ TAG_STUDY = "bench.study"
 TAG_STATE = "bench.state"  # COMPLETE | PRUNED | FAIL | REJECTED | INTERRUPTED
 TAG_TRIAL = "optuna.trial_number"
 TAG_ERROR = "bench.error"
+
+# MLflow's record of what an experiment is for (its UI 3.17 picks an experiment's page from its own
+# GenAI / Model training switch instead: see servers.runs_url).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+TRAINING_KINDS = ("train", "trial", "confirm", "batch_size")  # runs that get MLflow's system metrics
 
 
 _CREDENTIALS = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s/@:]*:)(?P<password>[^\s/@]+)@")
@@ -47,11 +52,8 @@ def resolve_uri(uri: str | None = None) -> str:
 
 
 def _quiet() -> None:
-    for name in ("mlflow", "alembic", "urllib3", "git", "torch._export"):
-        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="mlflow")
     warnings.filterwarnings("ignore", message=".*pydantic.*")
-    os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download many small artifacts
     # MLflow prints "View run at <server URL>" for every run on a tracking server: noise between the
     # trial lines, and the URL would carry a password given in --tracking-uri.
@@ -65,8 +67,7 @@ def setup(uri: str | None = None) -> str:
 
     _quiet()
     uri = resolve_uri(uri)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow_log.route(mlflow_log.log_path(uri))  # also creates the SQLite store's folder
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
@@ -108,19 +109,37 @@ def artifact_location(uri: str, name: str) -> str | None:
 
 
 def experiment_id(name: str) -> str:
-    """The MLflow experiment called ``name``, created if needed."""
+    """The MLflow experiment called ``name``, created if needed, tagged as model training."""
     import mlflow
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # created before bench tagged its experiments
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name))
+        return mlflow.create_experiment(name, artifact_location=artifact_location(mlflow.get_tracking_uri(), name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # created meanwhile by another worker
         exp = mlflow.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def tag_experiments() -> list[tuple[str, str]]:
+    """Tag every experiment of the store that has no kind yet (created before bench tagged them);
+    returns (id, name) of each experiment that has runs or is not MLflow's empty Default."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = []
+    for exp in client.search_experiments(order_by=["last_update_time DESC"]):
+        if EXPERIMENT_KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        if exp.experiment_id != "0" or client.search_runs([exp.experiment_id], max_results=1):
+            found.append((exp.experiment_id, exp.name))
+    return found
 
 
 @contextlib.contextmanager
@@ -137,6 +156,7 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
     active = mlflow.start_run(
         run_id=run_id, experiment_id=None if run_id else experiment_id(experiment), run_name=None if run_id else run_name,
         nested=nested, tags=all_tags if not run_id else None, parent_run_id=parent_run_id,
+        log_system_metrics=kind in TRAINING_KINDS and system_metrics_enabled(),
     )
     try:
         yield active
@@ -153,6 +173,19 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def system_metrics_enabled() -> bool:
+    """MLflow's per-run CPU, memory, disk and network samples (``system/*`` metrics): on where psutil
+    is installed, unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise. Sampling every
+    ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` seconds (MLflow's default 10)."""
+    import importlib.util
+
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined:
+        return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
+    return importlib.util.find_spec("psutil") is not None
 
 
 # ---------------------------------------------------------------- parent runs shared by workers
@@ -293,22 +326,27 @@ def log_metrics(metrics: dict[str, float]) -> None:
 
 
 def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str:
-    """Log ``model`` (fp32, CPU, eval mode) with signature and input example; returns its model URI."""
+    """Log ``model`` (fp32, CPU, eval mode) as a model of raw images (``inference.RawImageModel``),
+    with a signature, an input example and the class names in its metadata; returns its model URI."""
     import mlflow
     import mlflow.pytorch
     from mlflow.models import infer_signature
 
     import bench
 
-    model = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
-    example = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    from . import inference
+
+    net = model.to("cpu", memory_format=torch.contiguous_format).float().eval()
+    packaged = inference.RawImageModel(net).eval()
+    example = inference.input_example()
     with torch.inference_mode():
-        output = model(torch.from_numpy(example)).numpy()
+        output = packaged(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(
-        model,
+        packaged,
         name="model",
         signature=infer_signature(example, output),
         input_example=example,
+        metadata=inference.metadata(),
         code_paths=[str(Path(bench.__file__).parent)],
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
         registered_model_name=registered_name,
@@ -386,26 +424,10 @@ def active_model_uri() -> str | None:
 
 
 def load_model(model_uri: str) -> torch.nn.Module:
+    """The trained network of a logged model, which takes normalised batches as bench's evaluation
+    feeds them (``data.normalize``); users load the model itself, which takes raw images."""
     import mlflow.pytorch
 
-    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+    from .inference import unwrap
 
-
-
-
-def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:
-    """Run ``mlflow server`` on the project's store until interrupted."""
-    import subprocess
-    import sys
-
-    uri = resolve_uri(uri)
-    if uri.startswith("http"):
-        raise TrackingError(f"{mask_url(uri)} is already a tracking server; open it in a browser")
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    if uri.startswith("sqlite:///"):
-        cmd += ["--default-artifact-root", (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()]
-    echo(f"MLflow UI for {mask_url(uri)} at http://{host}:{port}  (Ctrl-C to stop)")
-    try:
-        subprocess.run(cmd, check=False)
-    except KeyboardInterrupt:
-        pass
+    return unwrap(mlflow.pytorch.load_model(model_uri, map_location="cpu"))

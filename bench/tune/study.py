@@ -45,6 +45,8 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
         )
         study.set_user_attr("norm", exp.model.norm)
         study.set_user_attr("experiment", exp.name)
+        with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
+            study.set_metric_names(["val_acc"])  # optuna-dashboard labels the objective with it
     except Exception as err:
         raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
     check_search_space(study, exp)
