@@ -16,12 +16,27 @@ from .errors import BenchError
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
+class PresetOption(click.Option):
+    """``--preset``, whose help lists the registered models. The list is read when help is shown, so
+    that commands start without importing torch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.note = self.help
+
+    def get_help_record(self, ctx):
+        from .models import preset_help
+
+        self.help = " ".join(filter(None, (preset_help(), self.note)))
+        return super().get_help_record(ctx)
+
+
 def experiment_options(f):
     """Options shared by every command that builds a model or trains: experiment file and overrides."""
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
         click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
-        click.option("--preset", help="Model preset: seed_bn, seed_gn, resnet (shape from width1..3, blocks1..3), resnet_deep, resnet_wide."),
+        click.option("--preset", cls=PresetOption),
         click.option("--width", type=float, help="Width multiplier on the preset's channels."),
         click.option("--groups", type=int, help="GroupNorm groups."),
         click.option("--dropout", type=float),
@@ -166,7 +181,7 @@ def ui(host, port, tracking_uri):
 
 @cli.command()
 @click.option("--norm", type=click.Choice(config_mod.NORMS), default="bn", show_default=True)
-@click.option("--preset", help="Model preset (default: seed_gn for lnchw, else seed_bn).")
+@click.option("--preset", cls=PresetOption, help="Default: seed_gn for lnchw, else seed_bn.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Training steps per repeat and contender.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats; the median is reported.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
