@@ -273,17 +273,12 @@ def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, jobs, dat
 @friendly_errors
 def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
     """Validation and test accuracy of a logged model under each test-time augmentation, no re-training."""
-    from rich.table import Table
-
+    from .console import table
     from .rescore import rescore as rescore_run
 
     scores = rescore_run(run_id, tuple(shifts), data_dir, download, device, threads, tracking_uri)
-    table = Table(title=f"run {run_id}: accuracy by test-time augmentation (choose on val)")
-    for col in ("TTA", "val acc", "test acc"):
-        table.add_column(col, justify="right")
-    for name, accs in scores.items():
-        table.add_row(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}")
-    console.print(table)
+    console.print(table(f"run {run_id}: accuracy by test-time augmentation (choose on val)", ("TTA", "val acc", "test acc"),
+                        [(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}") for name, accs in scores.items()]))
     console.print("logged to the run as rescore.val_acc_<TTA> / rescore.test_acc_<TTA>")
 
 

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from . import interrupt, records, tracking, workers
@@ -23,7 +22,7 @@ from .config import Experiment, find_experiment, hyperparameter_types, load, ove
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
-from .train import default_device, resolve_runtime, setup_threads
+from .runtime import pick_device, resolve_runtime, setup_threads
 
 
 @dataclass
@@ -81,8 +80,7 @@ class Trainer:
         return self._data[exp.train.val_size]
 
     def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, tags: dict[str, Any]) -> str:
-        device = torch.device(self.opts.device) if self.opts.device else default_device()
-        rt = resolve_runtime(exp.train, exp.model.norm, device)
+        rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device))
         data = self.data(exp)
         tags = {
             records.TAG_STUDY_RUN: record.best_parent_id,

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from . import records, stats, tracking
+from .console import duration
 from .data import CLASSES
 from .errors import ConfigError
 from .records import StudyRecord
-from .run import duration
 
 REPORT_EXPERIMENT = "reports"
 ALPHA = 0.05

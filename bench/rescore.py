@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from . import tracking
 from .config import TrainConfig, tta_name
 from .data import load_cifar10
 from .errors import ConfigError, DataError
-from .train import default_device, evaluate, resolve_runtime, setup_threads
+from .runtime import pick_device, resolve_runtime, setup_threads
+from .train import evaluate
 
 
 @dataclass(frozen=True)
@@ -63,7 +62,7 @@ def rescore(run_id: str, shifts: tuple[int, ...] = (1, 2), data_dir: str | None 
     if logged_digest and logged_digest != data.digest:
         raise DataError(f"this CIFAR-10 copy (digest {data.digest}) is not the one run {run_id} trained on ({logged_digest}); "
                         "point BENCH_DATA_DIR or --data-dir at that copy")
-    rt = resolve_runtime(cfg, params.get("norm", "bn"), torch.device(device) if device else default_device())
+    rt = resolve_runtime(cfg, params.get("norm", "bn"), pick_device(device))
     model = tracking.load_model(uri).to(rt.device, memory_format=rt.memory_format)
     scores = {}
     for recipe in recipes(shifts):

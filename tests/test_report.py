@@ -348,3 +348,15 @@ def test_main_recipe_prefers_most_seeds_then_newest():
     chosen = records.main_recipe(sorted([*full, *smoke, newer_seed0], key=lambda r: -r.info.start_time), records.TAG_SEED)
     assert chosen == [newer_seed0, full[1], full[2]]
     assert records.main_recipe([smoke[0]], records.TAG_SEED) == smoke
+
+
+def test_report_and_workers_import_no_training_code():
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, bench.report, bench.workers; "
+             "print(sorted(m for m in ('bench.train', 'bench.run', 'bench.tune', 'bench.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"

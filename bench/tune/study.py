@@ -21,7 +21,7 @@ from .. import interrupt, tracking
 from ..config import Experiment
 from ..errors import BenchError, ConfigError, DivergedError, TrackingError
 from ..run import load_data
-from ..train import default_device, resolve_runtime, setup_threads
+from ..runtime import default_device, resolve_runtime, setup_threads
 from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
 from .space import create_sampler, create_pruner, check_search_space, trial_epochs, check_fixed_recipe
