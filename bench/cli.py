@@ -296,12 +296,11 @@ def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
 @friendly_errors
 def report(norms, tta, confirm_epochs, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
     """Markdown + PNG report of the studies from MLflow, logged as a report run."""
-    from .confirm import ConfirmOptions
     from .report import run_report
 
     sizes = parse_batch_sizes(batch_sizes)
-    opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
-    run_report(norms, out, sizes, opts, console, tta, confirm_epochs)
+    opts = config_mod.RuntimeOptions(tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
+    run_report(norms, out, sizes, opts, console, tta, confirm_epochs, epochs)
 
 
 def parse_jobs(text: str) -> int:

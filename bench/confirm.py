@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 
 from . import interrupt, records, tracking, workers
-from .config import Experiment, find_experiment, hyperparameter_types, load, override
+from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
@@ -26,18 +26,13 @@ from .runtime import pick_device, resolve_runtime, setup_threads
 
 
 @dataclass
-class ConfirmOptions:
+class ConfirmOptions(RuntimeOptions):
     seeds: int = 5
     seed_list: tuple[int, ...] = ()  # exactly these seeds instead of 0..seeds-1 (one confirmation split across cores or machines)
     epochs: int | None = None  # None: the experiment file's train.epochs
     study: str | None = None  # default: the norm's name
     trial: int | None = None  # re-train this trial number instead of the best
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. {"train_subset": 500} for a smoke run
-    tracking_uri: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    threads: int | None = None
-    device: str | None = None
     jobs: int = 1  # local worker processes, the seeds dealt out among them
 
 

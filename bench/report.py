@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
 from . import records, stats, tracking
+from .config import RuntimeOptions
 from .console import duration
 from .data import CLASSES
 from .errors import ConfigError
@@ -581,20 +582,22 @@ def build_report(norms: str | None = None, out: str | Path | None = None, tracki
 
 
 def run_report(norms: str | None = None, out: str | Path | None = None, batch_sizes: list[int] | None = None,
-               opts=None, console=None, tta: str | None = None, confirm_epochs: int | None = None) -> Path:
-    """``bench report``: with ``batch_sizes``, first train the missing batch-size runs of each norm's
-    best configuration (the only training a report does), then read everything back from MLflow."""
+               opts: RuntimeOptions | None = None, console=None, tta: str | None = None, confirm_epochs: int | None = None,
+               epochs: int | None = None) -> Path:
+    """``bench report``: with ``batch_sizes``, first train the missing batch-size runs (``epochs`` each) of
+    each norm's best configuration (the only training a report does), then read everything back from MLflow."""
     from rich.console import Console
 
     console = console or Console()
+    opts = opts or RuntimeOptions()
     if batch_sizes:
-        from .confirm import ConfirmOptions, train_batch_sizes
+        from .confirm import ConfirmOptions, train_batch_sizes  # training code, only when asked to train
 
-        opts = opts or ConfirmOptions()
         tracking.setup(opts.tracking_uri)
         for norm, study, trial in parse_norms(norms):
-            train_batch_sizes(norm, batch_sizes, replace(opts, study=study, trial=trial), console)
-    return build_report(norms, out, opts.tracking_uri if opts else None, console.print, tta, confirm_epochs)
+            confirm_opts = ConfirmOptions(**asdict(opts), epochs=epochs, study=study, trial=trial)
+            train_batch_sizes(norm, batch_sizes, confirm_opts, console)
+    return build_report(norms, out, opts.tracking_uri, console.print, tta, confirm_epochs)
 
 
 def report_metrics(summaries: list[NormSummary]) -> dict[str, float]:
