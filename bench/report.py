@@ -254,7 +254,7 @@ def batch_table(summaries: list[NormSummary]) -> list[str]:
     for s in summaries:
         acc = s.batch_acc
         drop = max(acc.values()) - min(acc.values()) if acc else math.nan
-        bound = stats.t_quantile(0.975, s.test.n - 1) * s.test.std * math.sqrt(2) if s.test.n > 1 else math.nan
+        bound = stats.two_run_bound(s.test)
         verdict = "—" if math.isnan(drop) or math.isnan(bound) else ("larger than seed noise" if drop > bound else "within seed noise")
         cells = [pct(acc[b]) if b in acc else "—" for b in sizes]
         lines.append(row([s.name, *cells, f"{100 * drop:.2f} pp" if acc else "—",
