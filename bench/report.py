@@ -313,7 +313,7 @@ def plot_curves(summaries: list[NormSummary], path: Path) -> None:
 
 def epoch_matrix(run_ids: list[str], key: str) -> tuple[list[int], np.ndarray]:
     """Per-epoch values of ``key`` for each run, cut to the epochs every run has."""
-    histories = [dict(records.metric_history(run_id, key)) for run_id in run_ids]
+    histories = [dict(tracking.metric_history(run_id, key)) for run_id in run_ids]
     steps = sorted(set.intersection(*(set(h) for h in histories))) if histories else []
     return steps, np.array([[h[step] for step in steps] for h in histories])
 
@@ -383,7 +383,7 @@ class Predictions:
 
     def __call__(self, run_id: str) -> dict | None:
         if run_id not in self._cache:
-            self._cache[run_id] = records.predictions(run_id)
+            self._cache[run_id] = tracking.load_predictions(run_id)
         return self._cache[run_id]
 
 
@@ -570,14 +570,13 @@ def build_report(norms: str | None = None, out: str | Path | None = None, tracki
     out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     tags = {"bench.norms": ",".join(s.name for s in summaries), "bench.report_dir": str(out.resolve()), "bench.tta": tta or "as trained"}
-    import mlflow
-
     with tracking.run(REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}", "report", tags=tags) as active:
         figures, sources = write_figures(summaries, out)
         (out / "report.md").write_text(markdown(summaries, comparisons, figures, sources, active.info.run_id, uri))
         tracking.log_metrics(report_metrics(summaries))
-        mlflow.log_artifacts(str(out))
-    echo(f"report written to {out / 'report.md'} and logged to MLflow run {active.info.run_id} (experiment '{REPORT_EXPERIMENT}')")
+        stored = tracking.log_folder(out)
+    echo(f"report written to {out / 'report.md'} and logged to MLflow run {active.info.run_id} "
+         f"(experiment '{REPORT_EXPERIMENT}', artifacts {tracking.mask_url(stored)})")
     return out
 
 

@@ -49,16 +49,13 @@ def train_tracked(
     model = build_model(exp)
     n_params = count_params(model)
     if track:
-        tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params})
+        tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params}, metrics={"n_params": n_params},
+                            tags={tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
         tracking.log_dataset(data)
-        tracking.log_metrics({"n_params": n_params})
-        import mlflow
-
-        mlflow.set_tags({tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
 
     def after_epoch(epoch: int, record: dict[str, float]) -> None:
         if track:
-            tracking.log_epoch(epoch, record)
+            tracking.log_metrics(record, step=epoch)
         show_epoch(epoch, record)
         if on_epoch:
             on_epoch(epoch, record)

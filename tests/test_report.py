@@ -165,7 +165,7 @@ def test_confusion_matrix_counts_every_test_image_of_every_seed(studies, no_data
     from bench.report import confusion
 
     record = records.load_study("bn")
-    matrix = confusion([records.predictions(r.info.run_id) for r in record.confirms])
+    matrix = confusion([tracking.load_predictions(r.info.run_id) for r in record.confirms])
     assert matrix.sum() == 2 * 300
     assert np.trace(matrix) / 300 == pytest.approx(sum(r.data.metrics["test_acc"] for r in record.confirms), abs=1e-6)
 
