@@ -16,12 +16,27 @@ from .errors import BenchError
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 
 
+class PresetOption(click.Option):
+    """``--preset``, whose help lists the registered models. The list is read when help is shown, so
+    that commands start without importing torch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.note = self.help
+
+    def get_help_record(self, ctx):
+        from .models import preset_help
+
+        self.help = " ".join(filter(None, (preset_help(), self.note)))
+        return super().get_help_record(ctx)
+
+
 def experiment_options(f):
     """Options shared by every command that builds a model or trains: experiment file and overrides."""
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
         click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
-        click.option("--preset", help="Model preset: seed_bn, seed_gn, resnet (shape from width1..3, blocks1..3), resnet_deep, resnet_wide."),
+        click.option("--preset", cls=PresetOption),
         click.option("--width", type=float, help="Width multiplier on the preset's channels."),
         click.option("--groups", type=int, help="GroupNorm groups."),
         click.option("--dropout", type=float),
@@ -200,7 +215,7 @@ def dashboard(host, port, storage):
 
 @cli.command()
 @click.option("--norm", type=click.Choice(config_mod.NORMS), default="bn", show_default=True)
-@click.option("--preset", help="Model preset (default: seed_gn for lnchw, else seed_bn).")
+@click.option("--preset", cls=PresetOption, help="Default: seed_gn for lnchw, else seed_bn.")
 @click.option("--steps", type=int, default=50, show_default=True, help="Training steps per repeat and contender.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats; the median is reported.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
@@ -292,17 +307,12 @@ def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, jobs, dat
 @friendly_errors
 def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
     """Validation and test accuracy of a logged model under each test-time augmentation, no re-training."""
-    from rich.table import Table
-
+    from .console import table
     from .rescore import rescore as rescore_run
 
     scores = rescore_run(run_id, tuple(shifts), data_dir, download, device, threads, tracking_uri)
-    table = Table(title=f"run {run_id}: accuracy by test-time augmentation (choose on val)")
-    for col in ("TTA", "val acc", "test acc"):
-        table.add_column(col, justify="right")
-    for name, accs in scores.items():
-        table.add_row(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}")
-    console.print(table)
+    console.print(table(f"run {run_id}: accuracy by test-time augmentation (choose on val)", ("TTA", "val acc", "test acc"),
+                        [(name, f"{accs['val']:.2%}", f"{accs['test']:.2%}") for name, accs in scores.items()]))
     console.print("logged to the run as rescore.val_acc_<TTA> / rescore.test_acc_<TTA>")
 
 
@@ -320,12 +330,11 @@ def rescore(run_id, shifts, data_dir, download, device, threads, tracking_uri):
 @friendly_errors
 def report(norms, tta, confirm_epochs, out, batch_sizes, epochs, data_dir, download, device, threads, tracking_uri):
     """Markdown + PNG report of the studies from MLflow, logged as a report run."""
-    from .confirm import ConfirmOptions
     from .report import run_report
 
     sizes = parse_batch_sizes(batch_sizes)
-    opts = ConfirmOptions(epochs=epochs, tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
-    run_report(norms, out, sizes, opts, console, tta, confirm_epochs)
+    opts = config_mod.RuntimeOptions(tracking_uri=tracking_uri, data_dir=data_dir, download=download, threads=threads, device=device)
+    run_report(norms, out, sizes, opts, console, tta, confirm_epochs, epochs)
 
 
 def parse_jobs(text: str) -> int:

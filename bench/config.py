@@ -99,6 +99,18 @@ def tta_names(shifts: tuple[int, ...] = (1, 2, 3, 4)) -> list[str]:
 
 
 @dataclass
+class RuntimeOptions:
+    """Where a command runs and records, from its command line (--device, --threads, --tracking-uri,
+    --data-dir, --download); ``bench tune`` and ``bench confirm`` extend it with their own options."""
+
+    tracking_uri: str | None = None
+    data_dir: str | None = None
+    download: bool = False
+    threads: int | None = None
+    device: str | None = None
+
+
+@dataclass
 class BudgetConfig:
     max_params: int = 50_000
 

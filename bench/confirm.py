@@ -15,30 +15,24 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from rich.console import Console
 
 from . import interrupt, records, tracking, workers
-from .config import Experiment, find_experiment, hyperparameter_types, load, override
+from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
-from .train import default_device, resolve_runtime, setup_threads
+from .runtime import pick_device, resolve_runtime, setup_threads
 
 
 @dataclass
-class ConfirmOptions:
+class ConfirmOptions(RuntimeOptions):
     seeds: int = 5
     seed_list: tuple[int, ...] = ()  # exactly these seeds instead of 0..seeds-1 (one confirmation split across cores or machines)
     epochs: int | None = None  # None: the experiment file's train.epochs
     study: str | None = None  # default: the norm's name
     trial: int | None = None  # re-train this trial number instead of the best
     overrides: dict[str, Any] = field(default_factory=dict)  # applied last, e.g. {"train_subset": 500} for a smoke run
-    tracking_uri: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    threads: int | None = None
-    device: str | None = None
     jobs: int = 1  # local worker processes, the seeds dealt out among them
 
 
@@ -81,8 +75,7 @@ class Trainer:
         return self._data[exp.train.val_size]
 
     def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, tags: dict[str, Any]) -> str:
-        device = torch.device(self.opts.device) if self.opts.device else default_device()
-        rt = resolve_runtime(exp.train, exp.model.norm, device)
+        rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device))
         data = self.data(exp)
         tags = {
             records.TAG_STUDY_RUN: record.best_parent_id,

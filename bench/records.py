@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from . import tracking
 from .config import NORMS, tta_name
@@ -42,14 +38,6 @@ class StudyRecord:
     @property
     def best_parent_id(self) -> str:
         return self.best.data.tags.get(PARENT, "")
-
-
-def search(experiment_id: str, kind: str, where: str = "") -> list[Any]:
-    """Runs of ``experiment_id`` tagged ``bench.kind = kind`` (plus an optional filter), newest first."""
-    import mlflow
-
-    query = f"tags.`{tracking.TAG_KIND}` = '{kind}'" + (f" and {where}" if where else "")
-    return mlflow.search_runs([experiment_id], query, output_format="list", order_by=["attributes.start_time DESC"])
 
 
 def state(run) -> str:
@@ -84,19 +72,16 @@ def trial_counts(trials: list[Any]) -> dict[str, int]:
 def load_study(norm: str, study: str | None = None, trial: int | None = None) -> StudyRecord:
     """Everything MLflow holds about the study of ``norm`` (named ``study``, default the norm); with
     ``trial``, that trained trial stands in for the best (see ``with_trial``)."""
-    import mlflow
-
     name = study or norm
-    exp = mlflow.get_experiment_by_name(name)
-    parents = search(exp.experiment_id, "study") if exp else []
+    parents = tracking.search_runs(name, "study")
     if not parents:
-        raise TrackingError(f"no study '{name}' in MLflow at {tracking.mask_url(mlflow.get_tracking_uri())}; run `bench tune --norm {norm}` first")
-    trials = search(exp.experiment_id, "trial")
+        raise TrackingError(f"no study '{name}' in MLflow at {tracking.current_uri()}; run `bench tune --norm {norm}` first")
+    trials = tracking.search_runs(name, "trial")
     best = best_trial(trials)
     if best is None:
         counts = ", ".join(f"{v} {k}" for k, v in trial_counts(trials).items())
         raise TrackingError(f"study '{name}' has no complete trial yet ({len(trials)} trial runs: {counts}); run `bench tune --norm {norm}` to finish some")
-    record = StudyRecord(norm, name, exp.experiment_id, parents, trials, best)
+    record = StudyRecord(norm, name, parents[0].info.experiment_id, parents, trials, best)
     return with_trial(record, trial) if trial is not None else with_derived_runs(record)
 
 
@@ -112,7 +97,7 @@ def with_derived_runs(record: StudyRecord, epochs: int | None = None) -> StudyRe
 def derived_runs(record: StudyRecord, kind: str) -> list[Any]:
     """Finished runs of ``kind`` that re-trained the study's best trial, newest first."""
     where = f"tags.`{TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status = 'FINISHED'"
-    return search(record.experiment_id, kind, where)
+    return tracking.search_runs(record.study, kind, where)
 
 
 def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
@@ -133,34 +118,7 @@ def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
 
 def studied_norms() -> list[str]:
     """Norms whose default-named study (MLflow experiment named after the norm) has a study run."""
-    import mlflow
-
-    found = []
-    for norm in NORMS:
-        exp = mlflow.get_experiment_by_name(norm)
-        if exp is not None and search(exp.experiment_id, "study"):
-            found.append(norm)
-    return found
-
-
-def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
-    """(step, value) pairs of a per-epoch metric, by step."""
-    from mlflow import MlflowClient
-
-    return sorted((m.step, m.value) for m in MlflowClient().get_metric_history(run_id, key))
-
-
-def predictions(run_id: str) -> dict[str, np.ndarray] | None:
-    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None."""
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.npz", dst_path=tmp)
-        except Exception:  # absent artifact: the store's exception types vary by backend
-            return None
-        with np.load(Path(path)) as npz:
-            return {k: npz[k] for k in npz.files}
+    return [norm for norm in NORMS if tracking.search_runs(norm, "study")]
 
 
 def metric(run, key: str) -> float:

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from pathlib import Path
 
 import numpy as np
 
 from . import records, stats, tracking
+from .config import RuntimeOptions
+from .console import duration
 from .data import CLASSES
 from .errors import ConfigError
 from .records import StudyRecord
-from .run import duration
 
 REPORT_EXPERIMENT = "reports"
 ALPHA = 0.05
@@ -253,7 +254,7 @@ def batch_table(summaries: list[NormSummary]) -> list[str]:
     for s in summaries:
         acc = s.batch_acc
         drop = max(acc.values()) - min(acc.values()) if acc else math.nan
-        bound = stats.t_quantile(0.975, s.test.n - 1) * s.test.std * math.sqrt(2) if s.test.n > 1 else math.nan
+        bound = stats.two_run_bound(s.test)
         verdict = "—" if math.isnan(drop) or math.isnan(bound) else ("larger than seed noise" if drop > bound else "within seed noise")
         cells = [pct(acc[b]) if b in acc else "—" for b in sizes]
         lines.append(row([s.name, *cells, f"{100 * drop:.2f} pp" if acc else "—",
@@ -312,7 +313,7 @@ def plot_curves(summaries: list[NormSummary], path: Path) -> None:
 
 def epoch_matrix(run_ids: list[str], key: str) -> tuple[list[int], np.ndarray]:
     """Per-epoch values of ``key`` for each run, cut to the epochs every run has."""
-    histories = [dict(records.metric_history(run_id, key)) for run_id in run_ids]
+    histories = [dict(tracking.metric_history(run_id, key)) for run_id in run_ids]
     steps = sorted(set.intersection(*(set(h) for h in histories))) if histories else []
     return steps, np.array([[h[step] for step in steps] for h in histories])
 
@@ -382,7 +383,7 @@ class Predictions:
 
     def __call__(self, run_id: str) -> dict | None:
         if run_id not in self._cache:
-            self._cache[run_id] = records.predictions(run_id)
+            self._cache[run_id] = tracking.load_predictions(run_id)
         return self._cache[run_id]
 
 
@@ -569,32 +570,33 @@ def build_report(norms: str | None = None, out: str | Path | None = None, tracki
     out = Path(out or Path("reports") / time.strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     tags = {"bench.norms": ",".join(s.name for s in summaries), "bench.report_dir": str(out.resolve()), "bench.tta": tta or "as trained"}
-    import mlflow
-
     with tracking.run(REPORT_EXPERIMENT, f"report-{time.strftime('%Y%m%d-%H%M%S')}", "report", tags=tags) as active:
         figures, sources = write_figures(summaries, out)
         (out / "report.md").write_text(markdown(summaries, comparisons, figures, sources, active.info.run_id, uri))
         tracking.log_metrics(report_metrics(summaries))
-        mlflow.log_artifacts(str(out))
-    echo(f"report written to {out / 'report.md'} and logged to MLflow run {active.info.run_id} (experiment '{REPORT_EXPERIMENT}')")
+        stored = tracking.log_folder(out)
+    echo(f"report written to {out / 'report.md'} and logged to MLflow run {active.info.run_id} "
+         f"(experiment '{REPORT_EXPERIMENT}', artifacts {tracking.mask_url(stored)})")
     return out
 
 
 def run_report(norms: str | None = None, out: str | Path | None = None, batch_sizes: list[int] | None = None,
-               opts=None, console=None, tta: str | None = None, confirm_epochs: int | None = None) -> Path:
-    """``bench report``: with ``batch_sizes``, first train the missing batch-size runs of each norm's
-    best configuration (the only training a report does), then read everything back from MLflow."""
+               opts: RuntimeOptions | None = None, console=None, tta: str | None = None, confirm_epochs: int | None = None,
+               epochs: int | None = None) -> Path:
+    """``bench report``: with ``batch_sizes``, first train the missing batch-size runs (``epochs`` each) of
+    each norm's best configuration (the only training a report does), then read everything back from MLflow."""
     from rich.console import Console
 
     console = console or Console()
+    opts = opts or RuntimeOptions()
     if batch_sizes:
-        from .confirm import ConfirmOptions, train_batch_sizes
+        from .confirm import ConfirmOptions, train_batch_sizes  # training code, only when asked to train
 
-        opts = opts or ConfirmOptions()
         tracking.setup(opts.tracking_uri)
         for norm, study, trial in parse_norms(norms):
-            train_batch_sizes(norm, batch_sizes, replace(opts, study=study, trial=trial), console)
-    return build_report(norms, out, opts.tracking_uri if opts else None, console.print, tta, confirm_epochs)
+            confirm_opts = ConfirmOptions(**asdict(opts), epochs=epochs, study=study, trial=trial)
+            train_batch_sizes(norm, batch_sizes, confirm_opts, console)
+    return build_report(norms, out, opts.tracking_uri, console.print, tta, confirm_epochs)
 
 
 def report_metrics(summaries: list[NormSummary]) -> dict[str, float]:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from . import tracking
 from .config import TrainConfig, tta_name
 from .data import load_cifar10
 from .errors import ConfigError, DataError
-from .train import default_device, evaluate, resolve_runtime, setup_threads
+from .runtime import pick_device, resolve_runtime, setup_threads
+from .train import evaluate
 
 
 @dataclass(frozen=True)
@@ -33,18 +32,14 @@ def recipes(shifts: tuple[int, ...] = (1, 2)) -> list[Recipe]:
     return [Recipe(False, 0), Recipe(True, 0), *(Recipe(True, s) for s in shifts)]
 
 
-def find_model(run_id: str):
-    """(run, model URI) of a run that logged a model; ConfigError naming the problem otherwise."""
-    import mlflow
-
-    try:
-        run = mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
-        raise ConfigError(f"no MLflow run {run_id} in {tracking.mask_url(tracking.resolve_uri())}; copy a run id from the MLflow UI or `bench report`") from None
-    uri = run.data.tags.get("bench.model_uri")
-    if not uri:
+def find_run(run_id: str):
+    """The run, if it logged a model; ConfigError naming the problem otherwise."""
+    run = tracking.get_run(run_id)
+    if run is None:
+        raise ConfigError(f"no MLflow run {run_id} in {tracking.current_uri()}; copy a run id from the MLflow UI or `bench report`")
+    if "bench.model_uri" not in run.data.tags:
         raise ConfigError(f"run {run_id} logged no model (a pruned, rejected or failed trial?); pick a finished training, trial or confirm run")
-    return run, uri
+    return run
 
 
 def rescore(run_id: str, shifts: tuple[int, ...] = (1, 2), data_dir: str | None = None, download: bool = False,
@@ -54,7 +49,7 @@ def rescore(run_id: str, shifts: tuple[int, ...] = (1, 2), data_dir: str | None 
         raise ConfigError(f"--shift {shifts}: shifts must be in [1, 4] pixels")
     setup_threads(threads)
     tracking.setup(tracking_uri)
-    run, uri = find_model(run_id)
+    run = find_run(run_id)
     params = run.data.params
     cfg = TrainConfig(val_size=int(params.get("val_size", TrainConfig.val_size)), precision=params.get("precision", "auto"),
                       channels_last=params.get("channels_last", "auto"))
@@ -63,8 +58,8 @@ def rescore(run_id: str, shifts: tuple[int, ...] = (1, 2), data_dir: str | None 
     if logged_digest and logged_digest != data.digest:
         raise DataError(f"this CIFAR-10 copy (digest {data.digest}) is not the one run {run_id} trained on ({logged_digest}); "
                         "point BENCH_DATA_DIR or --data-dir at that copy")
-    rt = resolve_runtime(cfg, params.get("norm", "bn"), torch.device(device) if device else default_device())
-    model = tracking.load_model(uri).to(rt.device, memory_format=rt.memory_format)
+    rt = resolve_runtime(cfg, params.get("norm", "bn"), pick_device(device))
+    model = tracking.load_run_model(run).to(rt.device, memory_format=rt.memory_format)
     scores = {}
     for recipe in recipes(shifts):
         scores[recipe.name] = {split: evaluate(model, getattr(data, split), rt, cfg.eval_batch_size, recipe.flip, recipe.shift)[1]

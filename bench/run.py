@@ -13,14 +13,15 @@ from typing import Any, Callable
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import interrupt, tracking
 from .config import Experiment
+from .console import epoch_progress, table
 from .data import CIFAR10, load_cifar10
 from .models import build_checked, count_params
-from .train import Result, Runtime, default_device, fit, resolve_runtime, setup_threads
+from .runtime import Runtime, pick_device, resolve_runtime, setup_threads
+from .train import Result, fit
 
 
 def load_data(exp: Experiment, data_dir: str | None = None, download: bool = False) -> CIFAR10:
@@ -31,38 +32,6 @@ def load_data(exp: Experiment, data_dir: str | None = None, download: bool = Fal
 def build_model(exp: Experiment) -> torch.nn.Module:
     torch.manual_seed(exp.train.seed)
     return build_checked(exp.budget.max_params, **dataclasses.asdict(exp.model))
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
-
-
-@contextlib.contextmanager
-def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = ""):
-    """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks."""
-    if console is None:
-        yield None, lambda epoch, record: None
-        return
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
-    with Progress(*columns, console=console, transient=True) as progress:
-        state = {"task": progress.add_task(f"{label}epoch 1/{epochs}", total=images_per_epoch, stats="")}
-        start = time.perf_counter()
-
-        def on_step(seen: int, loss: float, acc: float) -> None:
-            progress.update(state["task"], completed=seen, stats=f"loss {loss:.3f} acc {acc:.3f}")
-
-        def on_epoch(epoch: int, record: dict[str, float]) -> None:
-            console.print(
-                f"{label}epoch {epoch:>3}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.4f}"
-                f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}  lr {record['lr']:.4f}"
-                f"  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
-                + (f"  eta {duration((time.perf_counter() - start) / epoch * (epochs - epoch))}" if epoch < epochs else "")
-            )
-            progress.reset(state["task"], description=f"{label}epoch {epoch + 1}/{epochs}", stats="")
-
-        yield on_step, on_epoch
 
 
 def train_tracked(
@@ -80,16 +49,13 @@ def train_tracked(
     model = build_model(exp)
     n_params = count_params(model)
     if track:
-        tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params})
+        tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params}, metrics={"n_params": n_params},
+                            tags={tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
         tracking.log_dataset(data)
-        tracking.log_metrics({"n_params": n_params})
-        import mlflow
-
-        mlflow.set_tags({tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
 
     def after_epoch(epoch: int, record: dict[str, float]) -> None:
         if track:
-            tracking.log_epoch(epoch, record)
+            tracking.log_metrics(record, step=epoch)
         show_epoch(epoch, record)
         if on_epoch:
             on_epoch(epoch, record)
@@ -126,15 +92,12 @@ def load_checkpoint(path: str | Path) -> torch.nn.Module:
 
 def result_table(exp: Experiment, result: Result, n_params: int) -> Table:
     last = result.history[-1]
-    table = Table(title=f"{exp.name}: {exp.model.preset} norm={exp.model.norm}, {n_params:,} params, {exp.train.epochs} epochs")
-    for col in ("train acc", "val acc", "test acc", "wall time", "train img/s"):
-        table.add_column(col, justify="right")
     mean_speed = sum(r["images_per_s"] for r in result.history) / len(result.history)
-    table.add_row(
-        f"{last['train_acc']:.2%}", f"{last['val_acc']:.2%}", f"{result.test_acc:.2%}",
-        f"{result.seconds / 60:.1f} min", f"{mean_speed:,.0f}",
+    return table(
+        f"{exp.name}: {exp.model.preset} norm={exp.model.norm}, {n_params:,} params, {exp.train.epochs} epochs",
+        ("train acc", "val acc", "test acc", "wall time", "train img/s"),
+        [(f"{last['train_acc']:.2%}", f"{last['val_acc']:.2%}", f"{result.test_acc:.2%}", f"{result.seconds / 60:.1f} min", f"{mean_speed:,.0f}")],
     )
-    return table
 
 
 def run_training(
@@ -150,7 +113,7 @@ def run_training(
     """``bench train``: one run, logged to MLflow unless ``tracking_uri`` is None."""
     console = console or Console()
     setup_threads(threads)
-    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(device) if device else default_device())
+    rt = resolve_runtime(exp.train, exp.model.norm, pick_device(device))
     build_model(exp)  # budget check before loading data
     track = tracking_uri is not None
     uri = tracking.setup(tracking_uri or None) if track else None

@@ -1,8 +1,5 @@
-"""Small-sample statistics for seed comparisons: Student t quantiles, t-intervals, Welch's test, a
-single run against several seeds, Holm.
-
-No SciPy: the t distribution's CDF is integrated numerically (Simpson's rule on its density),
-which is exact to ~1e-9 for the degrees of freedom seed counts give (1 to a few hundred).
+"""Small-sample statistics for seed comparisons, on ``scipy.stats``: t-intervals, Welch's test, a
+single run against several seeds, Holm's adjustment, the Pareto front.
 """
 
 from __future__ import annotations
@@ -11,34 +8,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-
-
-def t_pdf(x: np.ndarray, df: float) -> np.ndarray:
-    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return np.exp(log_norm - (df + 1) / 2 * np.log1p(x * x / df))
-
-
-def t_cdf(x: float, df: float, nodes: int = 4001) -> float:
-    grid = np.linspace(0.0, abs(x), nodes)
-    y = t_pdf(grid, df)
-    h = grid[1] - grid[0]
-    area = h / 3 * (y[0] + y[-1] + 4 * y[1:-1:2].sum() + 2 * y[2:-1:2].sum())
-    return 0.5 + math.copysign(min(area, 0.5), x)
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+from scipy import stats as sps
 
 
 @dataclass
@@ -59,8 +29,14 @@ def summarize(values, level: float = 0.95) -> Summary:
     if n < 2:
         return Summary(1, mean, math.nan, math.nan, math.nan)
     std = float(x.std(ddof=1))
-    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
-    return Summary(n, mean, std, mean - half, mean + half)
+    low, high = sps.t.interval(level, n - 1, loc=mean, scale=std / math.sqrt(n)) if std else (mean, mean)
+    return Summary(n, mean, std, float(low), float(high))
+
+
+def two_run_bound(s: Summary, level: float = 0.95) -> float:
+    """The ``level`` bound on the difference of two single runs drawn with ``s``'s spread,
+    t(0.5 + level/2, n-1)·s·√2: a larger difference between two runs is more than seed noise."""
+    return float(sps.t.ppf(0.5 + level / 2, s.n - 1)) * s.std * math.sqrt(2) if s.n > 1 else math.nan
 
 
 @dataclass
@@ -79,11 +55,11 @@ def welch(a, b, level: float = 0.95) -> Welch:
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Welch's test needs at least 2 values per group")
     diff = float(a.mean() - b.mean())
-    va, vb = float(a.var(ddof=1)) / len(a), float(b.var(ddof=1)) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:  # identical values within each group: any difference is exact
-        return t_test(diff, se, math.nan, level)
-    return t_test(diff, se, (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1)), level)
+    if a.var() == 0 and b.var() == 0:  # identical values within each group: any difference is exact
+        return t_test(diff, 0.0, math.nan, level)
+    result = sps.ttest_ind(a, b, equal_var=False)
+    low, high = result.confidence_interval(level)
+    return Welch(diff, float(low), float(high), float(result.statistic), float(result.df), float(result.pvalue))
 
 
 def t_test(diff: float, se: float, df: float, level: float = 0.95) -> Welch:
@@ -91,8 +67,8 @@ def t_test(diff: float, se: float, df: float, level: float = 0.95) -> Welch:
     if se == 0:
         return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df, 0.0 if diff else 1.0)
     t = diff / se
-    half = t_quantile(0.5 + level / 2, df) * se
-    return Welch(diff, diff - half, diff + half, t, df, min(1.0, 2 * (1 - t_cdf(abs(t), df))))
+    half = float(sps.t.ppf(0.5 + level / 2, df)) * se
+    return Welch(diff, diff - half, diff + half, t, df, float(2 * sps.t.sf(abs(t), df)))
 
 
 def single_run_test(a, b, level: float = 0.95) -> Welch:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -286,10 +287,12 @@ def _state_of(err: BaseException) -> str:
     return "FAIL"
 
 
-def log_params(params: dict[str, Any]) -> None:
+def log_params(params: dict[str, Any], metrics: dict[str, float] | None = None, tags: dict[str, Any] | None = None) -> None:
+    """The active run's configuration in one request to the store (each fluent call is one): params,
+    constant metrics such as ``n_params``, and tags."""
     import mlflow
 
-    mlflow.log_params({k: v for k, v in params.items()})
+    log_to_run(mlflow.active_run().info.run_id, metrics=metrics, params=params, tags=tags)
 
 
 def log_dataset(data) -> None:
@@ -313,16 +316,11 @@ def log_dataset(data) -> None:
     mlflow.set_tags({"bench.data_digest": data.digest, "bench.data_source": data.source})
 
 
-def log_epoch(epoch: int, record: dict[str, float]) -> None:
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Metrics of the active run (at ``step``, e.g. the epoch); None and non-finite values are left out."""
     import mlflow
 
-    mlflow.log_metrics({k: float(v) for k, v in record.items() if np.isfinite(v)}, step=epoch)
-
-
-def log_metrics(metrics: dict[str, float]) -> None:
-    import mlflow
-
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}, step=step)
 
 
 def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str:
@@ -359,8 +357,6 @@ def log_model(model: torch.nn.Module, registered_name: str | None = None) -> str
 def log_predictions(predicted: torch.Tensor, test, n_examples: int = 10) -> None:
     """Test-set predictions as ``predictions/test.npz``: predicted and true labels for every image,
     plus the first ``n_examples`` misclassified images, so reports need nothing but MLflow."""
-    import tempfile
-
     import mlflow
 
     predicted = predicted.numpy().astype(np.int8)
@@ -431,3 +427,72 @@ def load_model(model_uri: str) -> torch.nn.Module:
     from .inference import unwrap
 
     return unwrap(mlflow.pytorch.load_model(model_uri, map_location="cpu"))
+
+
+# ---------------------------------------------------------------- reading runs back (records, report, rescore)
+
+
+PREDICTIONS = "predictions/test.npz"  # written by log_predictions
+
+
+def current_uri() -> str:
+    """The store MLflow reads and writes now, its password masked, for messages."""
+    import mlflow
+
+    return mask_url(mlflow.get_tracking_uri())
+
+
+def search_runs(experiment: str, kind: str, where: str = "") -> list[Any]:
+    """Runs of the experiment named ``experiment`` tagged ``bench.kind = kind`` (and the filter
+    ``where``), newest first; none when there is no such experiment."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    query = f"tags.`{TAG_KIND}` = '{kind}'" + (f" and {where}" if where else "")
+    return mlflow.search_runs([exp.experiment_id], query, output_format="list", order_by=["attributes.start_time DESC"])
+
+
+def get_run(run_id: str) -> Any | None:
+    """The run, or None when this store has no run with that id."""
+    import mlflow
+
+    try:
+        return mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def load_run_model(run) -> torch.nn.Module | None:
+    """The model ``run`` logged (``log_model``), on the CPU; None when it logged none."""
+    uri = run.data.tags.get("bench.model_uri")
+    return load_model(uri) if uri else None
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    """(step, value) pairs of a per-epoch metric, by step."""
+    import mlflow
+
+    return sorted((m.step, m.value) for m in mlflow.MlflowClient().get_metric_history(run_id, key))
+
+
+def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
+    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None."""
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS, dst_path=tmp)
+        except Exception:  # absent artifact: the store's exception types vary by backend
+            return None
+        with np.load(Path(path)) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def log_folder(folder: str | Path) -> str:
+    """Every file under ``folder`` as artifacts of the active run; returns where they are stored."""
+    import mlflow
+
+    mlflow.log_artifacts(str(folder))
+    return mlflow.get_artifact_uri()

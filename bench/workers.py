@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 
-from .train import default_device
+from .runtime import default_device
 
 
 def auto_jobs(device: str | None, threads: int | None = None, shareable: bool = True) -> int:

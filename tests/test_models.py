@@ -18,6 +18,7 @@ from bench.models import (
     count_params,
     count_params_fast,
     create_model,
+    make_norm,
     make_summary,
     max_width,
 )
@@ -145,11 +146,31 @@ def norm_kwargs(preset: str, norm: str) -> dict:
     return {"preset": preset, "norm": norm, "groups": 2 if (preset, norm) == ("seed_gn", "gn") else 4}
 
 
-@pytest.mark.parametrize("text", [SEED_BN_TABLE, SEED_GN_TABLE])
-def test_hardcoded_tables_have_every_row(text):
-    rows = parse_table(text)
-    assert len(rows) == 38
-    assert sum(p for _, _, p in rows) == (18_064 if "BatchNorm2d" in text else 47_236)
+def test_a_registered_family_is_built_counted_checked_and_listed(monkeypatch):
+    from click.testing import CliRunner
+
+    from bench.cli import cli
+    from bench.models import list_models, register_model, registry
+
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))  # the new family lives for this test only
+
+    @register_model(default_norm="ln", help="one conv")
+    def tiny(cfg):
+        return nn.Sequential(nn.Conv2d(3, cfg.width1, 3, bias=False), make_norm(cfg.norm, cfg.width1, 30, cfg.groups),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cfg.width1, 10))
+
+    assert list_models()[-1] == "tiny"
+    model = create_model("tiny", width1=8)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].num_groups == 1  # its own default norm
+    assert count_params(model) == count_params_fast(preset="tiny", width1=8) == 3 * 9 * 8 + 2 * 8 + 8 * 10 + 10
+    with pytest.raises(BudgetError, match="over the budget of 100"):
+        build_checked(100, preset="tiny", width1=8)
+    help_text = " ".join(CliRunner().invoke(cli, ["summary", "--help"]).output.split())
+    assert "resnet_wide (width1=24, width3=32), tiny (one conv)." in help_text
+    with pytest.raises(ValueError, match="'tiny' is registered twice"):
+        register_model(tiny)
+    with pytest.raises(BudgetError, match="choose one of seed_bn, seed_gn, resnet, resnet_deep, resnet_wide, tiny"):
+        create_model("huge")
 
 
 @pytest.mark.parametrize("prefix,text", [("000_", SEED_BN_TABLE), ("001_", SEED_GN_TABLE)])

@@ -165,7 +165,7 @@ def test_confusion_matrix_counts_every_test_image_of_every_seed(studies, no_data
     from bench.report import confusion
 
     record = records.load_study("bn")
-    matrix = confusion([records.predictions(r.info.run_id) for r in record.confirms])
+    matrix = confusion([tracking.load_predictions(r.info.run_id) for r in record.confirms])
     assert matrix.sum() == 2 * 300
     assert np.trace(matrix) / 300 == pytest.approx(sum(r.data.metrics["test_acc"] for r in record.confirms), abs=1e-6)
 
@@ -305,9 +305,15 @@ def test_unreachable_tracking_server_is_one_line_error(studies, no_data):
         mlflow.set_tracking_uri(f"sqlite:///{studies}/mlruns/mlflow.db")
 
 
-def test_t_quantiles_and_welch_match_tables():
-    assert stats.t_quantile(0.975, 1) == pytest.approx(12.7062, abs=1e-4)
-    assert stats.t_quantile(0.975, 4) == pytest.approx(2.7764, abs=1e-4)
+def test_t_intervals_and_welch_match_tables():
+    values = [0.80, 0.82, 0.81, 0.83, 0.79]
+    s = stats.summarize(values)  # t(0.975, 4) = 2.7764 (published tables)
+    half = 2.7764 * np.std(values, ddof=1) / math.sqrt(5)
+    assert (s.n, s.mean, s.low, s.high) == pytest.approx((5, 0.81, 0.81 - half, 0.81 + half), abs=1e-5)
+    pair = stats.summarize([0.80, 0.82])  # t(0.975, 1) = 12.7062
+    assert stats.two_run_bound(pair) == pytest.approx(12.7062 * pair.std * math.sqrt(2), rel=1e-5)
+    assert math.isnan(stats.two_run_bound(stats.summarize([0.8])))
+    assert (stats.summarize([0.8, 0.8]).low, stats.summarize([0.8, 0.8]).high) == (0.8, 0.8)
     w = stats.welch([1, 2, 3, 4], [2, 3, 5, 7, 9])  # R: t = -1.8827, df = 5.7922, p-value = 0.1105
     assert (w.t, w.df, w.p) == pytest.approx((-1.8827, 5.7922, 0.1105), abs=1e-4)
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
@@ -348,3 +354,15 @@ def test_main_recipe_prefers_most_seeds_then_newest():
     chosen = records.main_recipe(sorted([*full, *smoke, newer_seed0], key=lambda r: -r.info.start_time), records.TAG_SEED)
     assert chosen == [newer_seed0, full[1], full[2]]
     assert records.main_recipe([smoke[0]], records.TAG_SEED) == smoke
+
+
+def test_report_and_workers_import_no_training_code():
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import sys, bench.report, bench.workers; "
+             "print(sorted(m for m in ('bench.train', 'bench.run', 'bench.tune', 'bench.models') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench.config import RESNET_SHAPES, ModelConfig, load, override
+from bench.config import RESNET_SHAPES, Experiment, ModelConfig, load, override
 from bench.errors import BudgetError, ConfigError
 from bench.models import (
     ALL_PRESETS,
@@ -55,8 +55,12 @@ def test_meta_count_equals_real_count_for_other_shapes(arch):
 @pytest.mark.parametrize("preset,params,blocks", [("resnet_deep", 37_594, 4), ("resnet_wide", 48_226, 3)])
 def test_named_shapes_fit_the_budget_and_set_their_fields(preset, params, blocks):
     assert count_params(build_checked(50_000, preset=preset)) == params
-    assert len([m for m in create_model(preset, width1=8).modules() if isinstance(m, BasicBlock)]) == blocks
-    assert count_params(create_model(preset, width1=8)) == params  # the named shape fixes its fields
+    beside = create_model(preset, width1=8)
+    assert len([m for m in beside.modules() if isinstance(m, BasicBlock)]) == blocks
+    # One expansion of the name for create_model and experiment files: a field given beside it wins in both.
+    assert beside.stem[0].out_channels == 8
+    from_config = override(Experiment(), preset=preset, width1=8).model
+    assert count_params(beside) == count_params_fast(**vars(from_config)) < params
 
     exp = override(load(EXPERIMENTS / "resnet_bn.toml"), width3=40, preset=preset)  # order of the names does not matter
     shape = {k: getattr(exp.model, k) for k in RESNET_SHAPES[preset]}

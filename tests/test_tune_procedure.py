@@ -19,7 +19,10 @@ from bench.tune.recovery import requeue_interrupted
 from bench.tune.rungs import rank_correlations
 from bench.tune.space import baseline_params, enqueue_baseline, rungs
 from bench.tune.summary import outcome_metrics
-from test_tune import REPO, data_dir, load_study, runs_of, store, tiny_experiment  # noqa: F401  (store is a fixture)
+import test_tune
+from test_tune import REPO, data_dir, load_study, runs_of, tiny_experiment
+
+store = test_tune.store  # the fixture: fresh MLflow and Optuna state in a temporary folder
 
 FILE_DEFAULTS = {"lr": 0.1, "dropout": 0.05, "weight_decay": 5e-4, "width": 1.0}
 

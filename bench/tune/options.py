@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import RuntimeOptions
+
 
 @dataclass
-class TuneOptions:
+class TuneOptions(RuntimeOptions):
     trials: int | None = None  # total for the study; None = the experiment's tune.trials
     more: bool = False  # treat ``trials`` as "this many more" instead of the total
     epochs: int | None = None
@@ -15,8 +17,3 @@ class TuneOptions:
     timeout: float | None = None
     seed: int = 0
     pruner: str | None = None
-    tracking_uri: str | None = None
-    data_dir: str | None = None
-    download: bool = False
-    threads: int | None = None
-    device: str | None = None

@@ -21,7 +21,7 @@ from .. import interrupt, tracking
 from ..config import Experiment
 from ..errors import BenchError, ConfigError, DivergedError, TrackingError
 from ..run import load_data
-from ..train import default_device, resolve_runtime, setup_threads
+from ..runtime import default_device, resolve_runtime, setup_threads
 from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
 from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, trial_epochs

@@ -1,0 +1,66 @@
+"""Where and how a run computes: the device, CPU threads, autocast dtype and memory layout, resolved
+once from the config and the machine. No training here, so launchers and readers can ask for the
+device without importing the training loops."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import TrainConfig
+
+# Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
+# seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW.
+CHANNELS_LAST_BY_NORM = {"bn": True, "gn": False, "ln": True, "lnchw": False}
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors run: resolved once from the config and the machine."""
+
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype; float32 means no autocast
+    memory_format: torch.memory_format
+
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def describe(self) -> str:
+        fmt = "channels_last" if self.memory_format == torch.channels_last else "nchw"
+        return f"{self.device.type} {str(self.dtype).removeprefix('torch.')} {fmt} threads={torch.get_num_threads()}"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def setup_threads(threads: int | None = None) -> int:
+    """Use the cores this process may run on (cgroup/affinity aware), unless told otherwise."""
+    if threads is None:
+        threads = int(os.environ.get("BENCH_THREADS", 0)) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def resolve_runtime(cfg: TrainConfig, norm: str, device: torch.device | None = None) -> Runtime:
+    device = device or default_device()
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device)):
+        dtype = torch.bfloat16
+    else:
+        dtype = torch.float32
+    channels_last = {"on": True, "off": False}.get(cfg.channels_last, CHANNELS_LAST_BY_NORM.get(norm, False))
+    return Runtime(device, dtype, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """``--device``: the named device, else cuda when available."""
+    return torch.device(name) if name else default_device()
