@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import sys
 
 import click
@@ -31,19 +32,48 @@ class PresetOption(click.Option):
         return super().get_help_record(ctx)
 
 
+class Hyperparameter(click.ParamType):
+    """A flag for a hyperparameter, converted and checked by the rule the experiment file obeys
+    (``config.RULES``), so a bad value fails before anything runs."""
+
+    def __init__(self, field: str):
+        self.field = field
+        self.name = config_mod.hyperparameter_types()[field].__name__
+
+    def convert(self, value, param, ctx):
+        try:
+            return config_mod.parse_value(self.field, value)
+        except BenchError as err:
+            self.fail(str(err).removeprefix(f"{self.field}: "), param, ctx)
+
+
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (which pass its comparisons or its open ends)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+SEED = click.IntRange(0, config_mod.SEED_MAX)
+POSITIVE = click.IntRange(1)
+
+
 def experiment_options(f):
     """Options shared by every command that builds a model or trains: experiment file and overrides."""
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
         click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
         click.option("--preset", cls=PresetOption),
-        click.option("--width", type=float, help="Width multiplier on the preset's channels."),
-        click.option("--groups", type=int, help="GroupNorm groups."),
-        click.option("--dropout", type=float),
-        click.option("--lr", type=float, help="Peak learning rate."),
-        click.option("--epochs", type=int),
-        click.option("--batch-size", type=int),
-        click.option("--seed", type=int),
+        click.option("--width", type=Hyperparameter("width"), help="Width multiplier on the preset's channels."),
+        click.option("--groups", type=Hyperparameter("groups"), help="GroupNorm groups."),
+        click.option("--dropout", type=Hyperparameter("dropout")),
+        click.option("--lr", type=Hyperparameter("lr"), help="Peak learning rate."),
+        click.option("--epochs", type=Hyperparameter("epochs")),
+        click.option("--batch-size", type=Hyperparameter("batch_size")),
+        click.option("--seed", type=Hyperparameter("seed")),
         click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Any other hyperparameter, e.g. --set weight_decay=1e-4 (repeatable)."),
     ]
     for option in reversed(options):
@@ -63,7 +93,7 @@ EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the b
 def runtime_options(f):
     """Where to run and where to record: --device, --threads, --tracking-uri."""
     f = click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")(f)
-    f = click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")(f)
+    f = click.option("--threads", type=POSITIVE, help="CPU threads (default: the cores this process may use).")(f)
     f = click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")(f)
     return f
 
@@ -85,7 +115,9 @@ def friendly_errors(f):
         try:
             return f(*args, **kwargs)
         except BenchError as err:
-            click.echo(f"error: {err}", err=True)
+            from .tracking import mask_url
+
+            click.echo(f"error: {mask_url(str(err))}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
@@ -94,7 +126,29 @@ def friendly_errors(f):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class OneLineErrors(click.Group):
+    """click's usage errors (bad flag values, unknown options) as one ``error:`` line, exit 2, like
+    every other user error, instead of a usage banner."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `bench`: the help, as click prints it
+            click.echo(err.format_message(), err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bench")
 def cli():
     """Experiment-tracked benchmarking of small CNNs on CIFAR-10."""
@@ -136,24 +190,30 @@ def train(experiment_file, norm, assignments, data_dir, download, save, device, 
 @cli.command()
 @experiment_options
 @data_options
-@click.option("--trials", type=int, help="Trials in the study in total (re-running resumes up to this); default from the experiment.")
+@click.option("--trials", type=POSITIVE, help="Trials in the study in total (re-running resumes up to this); default from the experiment.")
 @click.option("--more", is_flag=True, help="Run --trials more trials instead of topping the study up to --trials.")
 @click.option("--study", help="Optuna study and MLflow experiment name (default: the experiment's name).")
-@click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
-@click.option("--timeout", type=float, help="Stop starting new trials after this many seconds.")
+@click.option("--storage", envvar="BENCH_STORAGE", show_envvar=True,
+              help="Optuna storage URL (default: journal file mlruns/optuna.journal). With a password, prefer $BENCH_STORAGE "
+                   "or --storage-file: a command line shows in `ps` to every user.")
+@click.option("--storage-file", envvar="BENCH_STORAGE_FILE", show_envvar=True, type=click.Path(dir_okay=False),
+              help="Read the storage URL from this file (mode 600, one line).")
+@click.option("--timeout", type=FiniteFloat(0, min_open=True), help="Stop starting new trials after this many seconds.")
 @click.option("--pruner", type=click.Choice(config_mod.PRUNERS), help="Pruner (default from the experiment).")
-@click.option("--tune-epochs", "tune_epochs", type=int, help="Epochs per trial (default: [tune] epochs).")
+@click.option("--tune-epochs", "tune_epochs", type=POSITIVE, help="Epochs per trial (default: [tune] epochs).")
 @runtime_options
 @click.option("--jobs", default="auto", show_default=True, help="Local worker processes on the study: an integer, or auto (one single-threaded worker per core where the storage allows it).")
 @friendly_errors
-def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, timeout, pruner,
+def tune(experiment_file, norm, assignments, data_dir, download, trials, more, study, storage, storage_file, timeout, pruner,
          tune_epochs, device, threads, tracking_uri, jobs, epochs, seed, **values):
     """Optuna study over the experiment's search space; every trial a nested MLflow run.
 
     --norm all runs one study per norm (bn, gn, ln) in turn. --epochs sets epochs per trial.
     """
     from .tune import TuneOptions, auto_jobs, run_study, run_workers, worker_argv
+    from .tune.options import resolve_storage
 
+    storage = resolve_storage(storage, storage_file)
     norms = config_mod.STUDY_NORMS if norm == "all" else (norm,)
     for one in norms:
         exp = load_experiment(experiment_file, one, assignments, **values)
@@ -191,7 +251,7 @@ def rungs(studies, storage, reduction_factor, json_path):
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=5000, show_default=True, type=int)
+@click.option("--port", default=5000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--tracking-uri", help="Backend store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")
 @friendly_errors
 def ui(host, port, tracking_uri):
@@ -203,7 +263,7 @@ def ui(host, port, tracking_uri):
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--storage", help="Optuna storage URL (default: journal file mlruns/optuna.journal).")
 @friendly_errors
 def dashboard(host, port, storage):
@@ -216,18 +276,18 @@ def dashboard(host, port, storage):
 @cli.command()
 @click.option("--norm", type=click.Choice(config_mod.NORMS), default="bn", show_default=True)
 @click.option("--preset", cls=PresetOption, help="Default: seed_gn for lnchw, else seed_bn.")
-@click.option("--steps", type=int, default=50, show_default=True, help="Training steps per repeat and contender.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Interleaved repeats; the median is reported.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--threads", type=int, help="CPU threads (default: the cores this process may use).")
-@click.option("--workers", type=int, default=2, show_default=True, help="DataLoader workers of the seed-style baseline.")
-@click.option("--eval-images", type=int, default=10_000, show_default=True, help="Test images per evaluation pass.")
+@click.option("--steps", type=POSITIVE, default=50, show_default=True, help="Training steps per repeat and contender.")
+@click.option("--repeats", type=POSITIVE, default=5, show_default=True, help="Interleaved repeats; the median is reported.")
+@click.option("--batch-size", type=Hyperparameter("batch_size"), default=128, show_default=True)
+@click.option("--threads", type=POSITIVE, help="CPU threads (default: the cores this process may use).")
+@click.option("--workers", type=click.IntRange(0), default=2, show_default=True, help="DataLoader workers of the seed-style baseline.")
+@click.option("--eval-images", type=POSITIVE, default=10_000, show_default=True, help="Test images per evaluation pass.")
 @click.option("--ablate", is_flag=True, help="Also measure each optimisation alone against the seed's fp32 eager step.")
 @click.option("--knob", "knobs", multiple=True, help="Limit --ablate to this knob (repeatable): bf16, channels_last, foreach, fused, dropout, batch256, batch512, compile, threads, inference_mode, eval_batch256, eval_batch1000.")
 @click.option("--profile", is_flag=True, help="Also list the ops the bench training step spends its time in.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every figure to this JSON file.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the models, shuffling and augmentation.")
-@click.option("--to-accuracy", type=click.FloatRange(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seed of the models, shuffling and augmentation.")
+@click.option("--to-accuracy", type=FiniteFloat(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @click.option("--widths", help="Instead: the training step at these width multipliers (e.g. 1,1.5,1.75), against the first.")
 @data_options
@@ -261,9 +321,9 @@ def width_grid(widths: str, data_dir, download, json_path, options) -> None:
     from .speed_grid import GridOptions, render_grid, run_grid
 
     try:
-        grid = tuple(float(w) for w in widths.split(","))
-    except ValueError:
-        raise config_mod.ConfigError(f"--widths {widths!r}: expected comma-separated numbers, e.g. 1,1.5,1.75") from None
+        grid = tuple(config_mod.parse_value("width", w) for w in widths.split(","))
+    except BenchError as err:
+        raise config_mod.ConfigError(f"--widths {widths!r}: {err}; expected comma-separated multipliers, e.g. 1,1.5,1.75") from None
     opts = GridOptions(widths=grid, norm=options["norm"], preset=options["preset"] or "seed_bn", steps=options["steps"],
                        repeats=options["repeats"], batch_size=options["batch_size"], threads=options["threads"], seed=options["seed"])
     data = load_cifar10(data_dir, download=download)
@@ -300,7 +360,7 @@ def confirm(norm, seeds, seed_list, epochs, study, trial, assignments, jobs, dat
 
 @cli.command()
 @click.argument("run_id")
-@click.option("--shift", "shifts", multiple=True, type=int, default=(1, 2), show_default=True,
+@click.option("--shift", "shifts", multiple=True, type=click.IntRange(1, 4), default=(1, 2), show_default=True,
               help="Pixel shifts to try with flip-TTA (repeatable).")
 @data_options
 @runtime_options

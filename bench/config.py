@@ -8,11 +8,13 @@ and ``train``), so ``--set lr=0.05`` or ``[search.dropout]`` need no section pre
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import ConfigError
 
@@ -183,19 +185,19 @@ def coerce(key: str, value: Any, kind: type) -> Any:
                 return False
             raise ConfigError(f"{key}: expected true or false, got {value!r}")
         try:
-            value = float(text) if kind is float else int(float(text))
+            value = int(text) if kind is int and text.lstrip("+-").isdigit() else float(text)
         except ValueError:
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if kind is bool and not isinstance(value, bool):
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind is int and (isinstance(value, bool) or not float(value).is_integer()):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if kind is float and isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if kind in (int, float) and not isinstance(value, (int, float)):
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if kind in (int, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+    if kind is int and not float(value).is_integer():
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
     return kind(value)
 
 
@@ -240,8 +242,26 @@ def _dimension(name: str, table: Any) -> Dimension:
     log = coerce(f"{key}.log", table.get("log", False), bool)
     if log and low <= 0:
         raise ConfigError(f"{key}: a log scale needs low > 0, got {low}")
-    step = table.get("step")
-    return Dimension(name, low, high, log, None if step is None else coerce(f"{key}.step", step, kind))
+    step = None if table.get("step") is None else coerce(f"{key}.step", table["step"], kind)
+    if step is not None and step <= 0:
+        raise ConfigError(f"{key}.step must be > 0, got {step}")
+    if step is not None and log:
+        raise ConfigError(f"{key}: give step or log = true, not both (Optuna samples a log scale without steps)")
+    return Dimension(name, low, high, log, step)
+
+
+def _check_dimension(exp: Experiment, dim: Dimension) -> None:
+    """Every value a search dimension can take obeys its field's own rule (``RULES``), so no trial
+    fails on a value the experiment file allowed."""
+    values = {"choices": dim.choices} if dim.choices is not None else {"low": [dim.low], "high": [dim.high]}
+    for which, candidates in values.items():
+        for value in candidates:
+            trial = copy.deepcopy(exp)
+            setattr(trial.model if hasattr(trial.model, dim.name) else trial.train, dim.name, value)
+            try:
+                validate(trial)
+            except ConfigError as err:
+                raise ConfigError(f"search.{dim.name}.{which} = {value!r}: {err}") from None
 
 
 def from_dict(data: dict, name: str = "experiment") -> Experiment:
@@ -258,6 +278,8 @@ def from_dict(data: dict, name: str = "experiment") -> Experiment:
         else:
             raise ConfigError(f"unknown section '{key}' (known: name, description, {', '.join(SECTIONS)}, search)")
     validate(exp)
+    for dim in exp.search.values():
+        _check_dimension(exp, dim)
     return exp
 
 
@@ -297,6 +319,63 @@ def parse_assignments(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
+SEED_MAX = 2**32 - 1  # NumPy's and Optuna's samplers take seeds in [0, 2**32)
+MAX_BATCH = 50_000  # the training set's size
+
+
+def _between(lo: float, hi: float, hi_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: lo <= v < hi if hi_open else lo <= v <= hi
+
+
+# Value rules by field name: (check, what the value must be). Types are checked first (``coerce``:
+# numbers are finite, integers whole), so each check sees a number of the field's type.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "dropout": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
+    # Upper bounds far above any model within the budget: a typo must not allocate gigabytes.
+    "width": (lambda v: 0 < v <= 8, "must be > 0 and <= 8"),
+    "groups": (_between(1, 256), "must be >= 1 and <= 256"),
+    "stem": (_between(0, 256), "must be >= 0 and <= 256 (0 = width1)"),
+    **{name: (_between(1, 256), "must be >= 1 and <= 256") for name in ("width1", "width2", "width3")},
+    "blocks": (_between(1, 16), "must be >= 1 and <= 16"),
+    **{name: (_between(0, 16), "must be >= 0 and <= 16 (0 = blocks)") for name in ("blocks1", "blocks2", "blocks3")},
+    "epochs": (lambda v: v >= 1, "must be >= 1"),
+    "batch_size": (_between(1, MAX_BATCH), f"must be in [1, {MAX_BATCH}]"),
+    "lr": (lambda v: v > 0, "must be > 0"),
+    "momentum": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
+    "label_smoothing": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
+    "crop_padding": (_between(0, 32), "must be in [0, 32]"),
+    "cutout": (_between(0, 32), "must be in [0, 32]"),
+    "val_size": (_between(0, 50_000, hi_open=True), "must be in [0, 50000)"),
+    "train_subset": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
+    "seed": (_between(0, SEED_MAX), f"must be in [0, {SEED_MAX}]"),
+    "eval_batch_size": (_between(1, MAX_BATCH), f"must be in [1, {MAX_BATCH}]"),
+    "ema": (_between(0, 1, hi_open=True), "must be in [0, 1) (0 = off, e.g. 0.99)"),
+    "tta_shift": (_between(0, 4), "must be in [0, 4] pixels (0 = off)"),
+    "max_params": (lambda v: v >= 1, "must be >= 1"),
+    "tune.trials": (lambda v: v >= 1, "must be >= 1"),
+    "tune.epochs": (lambda v: v >= 0, "must be >= 0 (0 = train.epochs)"),
+    "tune.train_subset": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
+    "tune.warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
+    "tune.startup_trials": (lambda v: v >= 0, "must be >= 0"),
+    "tune.min_epochs": (lambda v: v >= 1, "must be >= 1 (the first rung of successive halving)"),
+    "tune.reduction_factor": (lambda v: v >= 2, "must be >= 2"),
+}
+
+
+def check_value(key: str, value: Any) -> Any:
+    """``value`` if it obeys the rule of field ``key`` (``RULES``), else a ConfigError naming both."""
+    rule = RULES.get(key)
+    if rule is not None and not rule[0](value):
+        raise ConfigError(f"{key} {rule[1]}, got {value!r}")
+    return value
+
+
+def parse_value(name: str, value: Any) -> Any:
+    """A hyperparameter from the command line: converted to its field's type and checked by its rule."""
+    return check_value(name, coerce(name, value, hyperparameter_types()[name]))
+
+
 def validate(exp: Experiment) -> None:
     """Value checks that types alone cannot express."""
     m, t = exp.model, exp.train
@@ -304,38 +383,11 @@ def validate(exp: Experiment) -> None:
         for name, allowed in CHOICES.items():
             if hasattr(section, name) and getattr(section, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(section, name)!r} is not one of {', '.join(allowed)}")
-    checks = [
-        ("dropout", 0.0 <= m.dropout < 1.0, "must be in [0, 1)"),
-        ("width", m.width > 0, "must be > 0"),
-        ("groups", m.groups >= 1, "must be >= 1"),
-        ("stem", m.stem >= 0, "must be >= 0 (0 = width1)"),
-        *((name, getattr(m, name) >= 0, "must be >= 0 (0 = blocks)") for name in ("blocks1", "blocks2", "blocks3")),
-        *((name, getattr(m, name) >= 1, "must be >= 1") for name in ("width1", "width2", "width3", "blocks")),
-        ("epochs", t.epochs >= 1, "must be >= 1"),
-        ("batch_size", t.batch_size >= 1, "must be >= 1"),
-        ("lr", t.lr > 0, "must be > 0"),
-        ("weight_decay", t.weight_decay >= 0, "must be >= 0"),
-        ("momentum", 0 <= t.momentum < 1, "must be in [0, 1)"),
-        ("label_smoothing", 0 <= t.label_smoothing < 1, "must be in [0, 1)"),
-        ("ema", 0 <= t.ema < 1, "must be in [0, 1) (0 = off, e.g. 0.99)"),
-        ("crop_padding", t.crop_padding >= 0, "must be >= 0"),
-        ("cutout", 0 <= t.cutout <= 32, "must be in [0, 32]"),
-        ("tta_shift", 0 <= t.tta_shift <= 4, "must be in [0, 4] pixels (0 = off)"),
-        ("val_size", 0 <= t.val_size < 50_000, "must be in [0, 50000)"),
-        ("train_subset", t.train_subset >= 0, "must be >= 0"),
-        ("eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
-        ("max_params", exp.budget.max_params >= 1, "must be >= 1"),
-        ("trials", exp.tune.trials >= 1, "must be >= 1"),
-        ("tune.epochs", exp.tune.epochs >= 0, "must be >= 0"),
-        ("tune.train_subset", exp.tune.train_subset >= 0, "must be >= 0"),
-        ("tune.min_epochs", exp.tune.min_epochs >= 1, "must be >= 1"),
-        ("tune.reduction_factor", exp.tune.reduction_factor >= 2, "must be >= 2"),
-        ("tune.warmup_epochs", exp.tune.warmup_epochs >= 0, "must be >= 0"),
-        ("tune.startup_trials", exp.tune.startup_trials >= 0, "must be >= 0"),
-    ]
-    for key, ok, rule in checks:
-        if not ok:
-            raise ConfigError(f"{key} {rule}")
+    for prefix, section in (("", m), ("", t), ("", exp.budget), ("tune.", exp.tune)):
+        for f in fields(section):
+            check_value(prefix + f.name, getattr(section, f.name))
+    if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
+        raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 
 
 def find_experiment(name: str, search_dirs: list[Path] | None = None) -> Path:

@@ -10,6 +10,7 @@ batch sizes already finished with the same recipe, so an interrupted confirmatio
 from __future__ import annotations
 
 import copy
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -116,8 +117,9 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
 def worker_command(norm: str, opts: ConfirmOptions, seeds: list[int], threads: int) -> list[str]:
     """``bench confirm`` for exactly ``seeds`` of this confirmation, single process."""
     args = [sys.executable, "-m", "bench.cli", "confirm", "--norm", norm, "--jobs", "1", "--threads", str(threads)]
+    # The tracking URI goes through the environment (confirm_in_workers): a password in it would show in `ps`.
     for flag, value in (("--study", opts.study), ("--trial", opts.trial), ("--epochs", opts.epochs), ("--data-dir", opts.data_dir),
-                        ("--device", opts.device), ("--tracking-uri", opts.tracking_uri)):
+                        ("--device", opts.device)):
         if value is not None:
             args += [flag, str(value)]
     args += [arg for key, value in opts.overrides.items() for arg in ("--set", f"{key}={value}")]
@@ -130,7 +132,8 @@ def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: st
     threads = workers.threads_per_worker(jobs, opts.threads)
     shares = [todo[i::jobs] for i in range(jobs)]
     console.print(f"starting {jobs} workers x {threads} thread(s): seeds {' / '.join(map(str, shares))}")
-    codes, interrupted = workers.run_all([worker_command(norm, opts, share, threads) for share in shares])
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking.resolve_uri(opts.tracking_uri)}
+    codes, interrupted = workers.run_all([worker_command(norm, opts, share, threads) for share in shares], [env] * jobs)
     if interrupted:
         raise KeyboardInterrupt
     if any(codes):

@@ -169,7 +169,7 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
         state = _state_of(err)
         mlflow.set_tag(TAG_STATE, state)
         if state == "FAIL":
-            mlflow.set_tag(TAG_ERROR, f"{type(err).__name__}: {err}"[:5000])
+            mlflow.set_tag(TAG_ERROR, mask_url(f"{type(err).__name__}: {err}")[:5000])
         mlflow.end_run("FINISHED" if state in ("PRUNED", "REJECTED") else "FAILED")
         raise
     else:
@@ -255,7 +255,7 @@ def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -
     client = mlflow.MlflowClient()
     if error:
         client.set_tag(run_id, TAG_STATE, "FAIL")
-        client.set_tag(run_id, TAG_ERROR, error[:5000])
+        client.set_tag(run_id, TAG_ERROR, mask_url(error)[:5000])
     client.set_terminated(run_id, status)
 
 

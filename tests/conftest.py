@@ -1,17 +1,23 @@
-"""Shared fixtures: real CIFAR-10 (session-wide), small real slices, tiny fake data sets in both
-on-disk layouts, and an isolated MLflow/Optuna working directory.
+"""Shared fixtures: a generated CIFAR-format data set (session-wide), real CIFAR-10 where it exists,
+small slices, tiny fake data sets in both on-disk layouts, and an isolated MLflow/Optuna working directory.
 
-Real data is looked for in ``$BENCH_DATA_DIR``, then ``/work/shared/data/cifar10``, then
-``../shared/data/cifar10`` beside the repository. Tests that need it are skipped when none is found,
-unless ``BENCH_REQUIRE_DATA=1`` (CI), where a missing data set fails them instead.
+The training, tuning and report paths run on ``fixture_data_dir()``: files in the official binary
+layout (``data_batch_1..5.bin``, ``test_batch.bin``, 10,000 records of 3,073 bytes each) holding
+generated, learnable images, written once per session. Tests of the real data set itself look for
+it in ``$BENCH_DATA_DIR``, then ``/work/shared/data/cifar10``, then ``../shared/data/cifar10``
+beside the repository; they are skipped when none is found, unless ``BENCH_REQUIRE_DATA=1`` (CI),
+where a missing data set fails them instead.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 import pickle
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -51,14 +57,52 @@ def require_data_dir() -> Path:
     return path
 
 
+# ---------------------------------------------------------------- the generated CIFAR-format data set
+
+FIXTURE_RECORDS = 10_000  # per file, as in the real data set (the loader checks the count)
+FIXTURE_LABEL_NOISE = 0.25  # images that show another class's pattern: accuracy stays well below 100%
+
+
+def write_fixture_cifar(folder: Path, records: int = FIXTURE_RECORDS, seed: int = 0) -> Path:
+    """CIFAR-10's binary layout with generated images a small CNN learns in one epoch: each class is
+    a blocky colour pattern (mirror-symmetric, so flips keep it), plus per-pixel noise; a quarter of
+    the images show a random class's pattern. Labels are balanced: records / 10 per class per file."""
+    from bench.data import TEST_BIN, TRAIN_BIN
+
+    rng = np.random.default_rng(seed)
+    half = rng.integers(0, 160, size=(10, 3, 4, 2), dtype=np.uint8)
+    patterns = np.concatenate([half, half[..., ::-1]], axis=3).repeat(8, axis=2).repeat(8, axis=3)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in TRAIN_BIN + [TEST_BIN]:
+        labels = rng.permutation(np.arange(records) % 10).astype(np.uint8)
+        shown = np.where(rng.random(records) < FIXTURE_LABEL_NOISE, rng.integers(0, 10, records), labels)
+        images = patterns[shown] + rng.integers(0, 96, size=(records, 3, 32, 32), dtype=np.uint8)  # < 256: no overflow
+        write_bin_file(folder / name, images.reshape(records, -1), labels)
+    return folder
+
+
+_fixture_dir: Path | None = None
+
+
+def fixture_data_dir() -> Path:
+    """The generated CIFAR-format folder (written on first use, removed when the session ends)."""
+    global _fixture_dir
+    if _fixture_dir is None:
+        root = Path(tempfile.mkdtemp(prefix="bench-cifar-fixture-"))
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _fixture_dir = write_fixture_cifar(root / "cifar-10-batches-bin")
+    return _fixture_dir
+
+
 @pytest.fixture(scope="session")
 def cifar_dir() -> Path:
-    return require_data_dir()
+    """The generated data set's folder, for commands given ``--data-dir``."""
+    return fixture_data_dir()
 
 
 @pytest.fixture(scope="session")
 def cifar(cifar_dir):
-    """The whole real data set, read once: 45,000 train / 5,000 val / 10,000 test."""
+    """The generated data set, read once by the real loader: 45,000 train / 5,000 val / 10,000 test."""
     from bench.data import load_cifar10
 
     return load_cifar10(cifar_dir, val_size=5000, seed=0)
@@ -66,13 +110,31 @@ def cifar(cifar_dir):
 
 @pytest.fixture(scope="session")
 def small_cifar(cifar):
-    """A small real slice (2,000 train / 500 val / 1,000 test) for fast training tests."""
+    """A small slice (2,000 train / 500 val / 1,000 test) for fast training tests."""
+    return take(cifar, 2000, 500, 1000)
+
+
+def take(data, n_train: int, n_val: int, n_test: int):
     from bench.data import CIFAR10
 
-    return CIFAR10(
-        train=cifar.train.take(2000), val=cifar.val.take(500), test=cifar.test.take(1000),
-        source=cifar.source + " (slice)", digest=cifar.digest,
-    )
+    return CIFAR10(train=data.train.take(n_train), val=data.val.take(n_val), test=data.test.take(n_test),
+                   source=data.source + " (slice)", digest=data.digest)
+
+
+# ---------------------------------------------------------------- real CIFAR-10, where it exists
+
+
+@pytest.fixture(scope="session")
+def real_cifar_dir() -> Path:
+    return require_data_dir()
+
+
+@pytest.fixture(scope="session")
+def real_cifar(real_cifar_dir):
+    """The whole real data set, read once: 45,000 train / 5,000 val / 10,000 test."""
+    from bench.data import load_cifar10
+
+    return load_cifar10(real_cifar_dir, val_size=5000, seed=0)
 
 
 # ---------------------------------------------------------------- tiny fake data sets

@@ -128,6 +128,45 @@ def test_over_budget_width_is_a_one_line_error_before_reading_data(tmp_path, iso
     assert_user_error(result, f"{n:,} parameters", "50,000")
 
 
+# Every numeric flag refuses 0, negatives, huge values, nan and inf where they make no sense, before
+# any work: no data read, nothing written to MLflow or Optuna (docs/hardening.md lists what each prints).
+BAD_NUMBERS = [
+    (["tune", "--trials", "0"], "Invalid value for '--trials': 0 is not in the range x>=1"),  # ran the file's 20 trials
+    (["tune", "--trials", "-3"], "Invalid value for '--trials': -3 is not in the range x>=1"),  # exited 0, doing nothing
+    (["tune", "--epochs", "0"], "Invalid value for '--epochs': epochs must be >= 1, got 0"),  # fell back to the default
+    (["tune", "--tune-epochs", "0"], "Invalid value for '--tune-epochs': 0 is not in the range x>=1"),
+    (["tune", "--timeout", "nan"], "Invalid value for '--timeout': nan is not a finite number"),
+    (["tune", "--timeout", "-5"], "Invalid value for '--timeout': -5.0 is not in the range x>0"),
+    (["tune", "--seed", "-1"], "Invalid value for '--seed': seed must be in [0, 4294967295], got -1"),
+    (["tune", "--threads", "0"], "Invalid value for '--threads': 0 is not in the range x>=1"),
+    (["train", "--batch-size", "-1"], "Invalid value for '--batch-size': batch_size must be in [1, 50000], got -1"),
+    (["train", "--lr", "nan"], "Invalid value for '--lr': expected a finite number, got nan"),
+    (["train", "--lr", "inf"], "Invalid value for '--lr': expected a finite number, got inf"),
+    (["train", "--dropout", "1.5"], "Invalid value for '--dropout': dropout must be in [0, 1), got 1.5"),
+    (["train", "--width", "inf"], "Invalid value for '--width': expected a finite number, got inf"),  # was a traceback
+    (["train", "--set", "epochs=2.5"], "epochs: expected an integer, got 2.5"),  # was truncated to 2
+    (["train", "--set", "epochs=1e400"], "epochs: expected a finite number, got inf"),  # was a traceback
+    (["train", "--set", "weight_decay=inf"], "weight_decay: expected a finite number, got inf"),
+    (["train", "--set", "momentum=0"], "nesterov = true needs momentum > 0"),  # was torch's ValueError mid-run
+    (["speed", "--steps", "-1"], "Invalid value for '--steps': -1 is not in the range x>=1"),
+    (["speed", "--to-accuracy", "nan"], "Invalid value for '--to-accuracy': nan is not a finite number"),
+    (["speed", "--widths", "0,1"], "--widths '0,1': width must be > 0 and <= 8, got 0.0"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_NUMBERS, ids=[" ".join(a) for a, _ in BAD_NUMBERS])
+def test_bad_numbers_are_one_line_errors_before_any_work(args, message, isolated_mlruns):
+    result = invoke(*args, "--data-dir", str(isolated_mlruns / "no-data"))
+    assert_user_error(result, message)
+    assert not (isolated_mlruns / "mlruns").exists()  # no MLflow store, no Optuna journal: nothing ran
+
+
+def test_click_usage_errors_are_one_line_too():
+    assert_user_error(invoke("tune", "--bogus"), "No such option '--bogus'", "tune --help")
+    assert_user_error(invoke("ui", "--port", "0"), "Invalid value for '--port': 0 is not in the range 1<=x<=65535")
+    assert invoke("--help").exit_code == 0 and invoke("tune", "--help").exit_code == 0
+
+
 def test_bad_flag_value_is_rejected_by_click():
     result = invoke("train", "--norm", "instance")
     assert result.exit_code == 2 and "Invalid value for '--norm'" in result.output

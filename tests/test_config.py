@@ -123,6 +123,24 @@ def test_section_must_be_a_table():
     ("train", "tta_shift", "5", "tta_shift must be in"),
     ("train", "val_size", "50000", "val_size must be in"),
     ("budget", "max_params", "0", "max_params must be >= 1"),
+    # issue 14: non-finite numbers, out-of-range seeds, sizes that would allocate gigabytes, [tune] fields
+    ("train", "lr", "nan", "train.lr: expected a finite number, got nan"),
+    ("train", "lr", "inf", "train.lr: expected a finite number, got inf"),
+    ("train", "weight_decay", "-inf", "train.weight_decay: expected a finite number"),
+    ("model", "dropout", "nan", "model.dropout: expected a finite number"),
+    ("model", "width", "inf", "model.width: expected a finite number"),
+    ("train", "epochs", "inf", "train.epochs: expected a finite number"),
+    ("train", "seed", "-1", r"seed must be in \[0, 4294967295\], got -1"),
+    ("train", "batch_size", "1000000", r"batch_size must be in \[1, 50000\], got 1000000"),
+    ("train", "crop_padding", "100", "crop_padding must be in"),
+    ("model", "width", "100", "width must be > 0 and <= 8, got 100"),
+    ("model", "width1", "100000", "width1 must be >= 1 and <= 256"),
+    ("model", "blocks", "1000", "blocks must be >= 1 and <= 16"),
+    ("tune", "trials", "0", "tune.trials must be >= 1, got 0"),
+    ("tune", "trials", "-3", "tune.trials must be >= 1, got -3"),
+    ("tune", "epochs", "-1", "tune.epochs must be >= 0"),
+    ("tune", "warmup_epochs", "-1", "tune.warmup_epochs must be >= 0"),
+    ("tune", "startup_trials", "-1", "tune.startup_trials must be >= 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, section, key, value, match):
     with pytest.raises(ConfigError, match=match):
@@ -166,6 +184,17 @@ choices = ["sgd", "adamw"]
     ("[search.groups]\nchoices = []\n", "search.groups.choices: expected a non-empty list"),
     ("[search.groups]\nchoices = [1, \"many\"]\n", "search.groups: expected a number"),
     ("[search]\nlr = 0.1\n", "search.lr: expected a table"),
+    # issue 14: bounds and steps a trial could not use, found when the file is read
+    ("[search.lr]\nlow = -1\nhigh = 0.1\nlog = true\n", "search.lr: a log scale needs low > 0, got -1"),
+    ("[search.lr]\nlow = nan\nhigh = 0.1\n", "search.lr.low: expected a finite number"),
+    ("[search.lr]\nlow = 0.01\nhigh = inf\n", "search.lr.high: expected a finite number"),
+    ("[search.lr]\nlow = -0.1\nhigh = 0.1\n", r"search.lr.low = -0.1: lr must be > 0"),
+    ("[search.dropout]\nlow = 0.0\nhigh = 1.5\n", r"search.dropout.high = 1.5: dropout must be in \[0, 1\)"),
+    ("[search.dropout]\nchoices = [0.1, 2.0]\n", "search.dropout.choices = 2.0: dropout must be in"),
+    ("[search.epochs]\nlow = 0\nhigh = 3\n", "search.epochs.low = 0: epochs must be >= 1"),
+    ("[search.cutout]\nlow = 0\nhigh = 16\nstep = 0\n", "search.cutout.step must be > 0"),
+    ("[search.lr]\nlow = 0.01\nhigh = 0.1\nstep = -0.01\n", "search.lr.step must be > 0"),
+    ("[search.lr]\nlow = 0.01\nhigh = 0.1\nlog = true\nstep = 0.01\n", "search.lr: give step or log = true, not both"),
 ])
 def test_bad_search_space_names_the_dimension(tmp_path, table, match):
     with pytest.raises(ConfigError, match=match):
@@ -212,6 +241,30 @@ def test_parse_assignments():
 def test_coerce(value, kind, expected):
     out = coerce("k", value, kind)
     assert out == expected and type(out) is kind
+
+
+@pytest.mark.parametrize("value,kind,match", [
+    ("2.5", int, "k: expected an integer, got 2.5"),  # was silently truncated to 2
+    ("1e400", int, "k: expected a finite number, got inf"),  # was an OverflowError traceback
+    ("nan", float, "k: expected a finite number, got nan"),
+    ("-inf", float, "k: expected a finite number, got -inf"),
+    (float("nan"), int, "k: expected a finite number"),
+    (True, int, "k: expected an integer, got True"),
+])
+def test_coerce_refuses_what_is_not_a_finite_number_of_the_type(value, kind, match):
+    with pytest.raises(ConfigError, match=match):
+        coerce("k", value, kind)
+
+
+def test_huge_integers_keep_their_value():
+    assert coerce("k", "12345678901234567891", int) == 12345678901234567891  # no float rounding
+
+
+def test_nesterov_needs_momentum():
+    with pytest.raises(ConfigError, match="nesterov = true needs momentum > 0"):
+        override(Experiment(), momentum=0)
+    assert override(Experiment(), momentum=0, nesterov=False).train.momentum == 0.0
+    assert override(Experiment(), momentum=0, optimizer="adamw").train.momentum == 0.0  # AdamW has no momentum
 
 
 def test_set_and_flags_on_top_of_an_experiment_file():

@@ -211,7 +211,21 @@ def test_seeded_split_is_deterministic_disjoint_and_complete(fake_cifar):
     assert a.digest == c.digest  # the digest is of the files, not the split
 
 
-def test_real_cifar10_sizes_and_classes(cifar):
+def test_generated_fixture_is_in_the_official_layout(cifar_dir, cifar):
+    """What the training, tuning and report tests run on: the real loader's default checks pass."""
+    names = sorted(p.name for p in cifar_dir.iterdir())
+    assert names == [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
+    assert all((cifar_dir / n).stat().st_size == 10_000 * 3073 for n in names)
+    assert (len(cifar.train), len(cifar.val), len(cifar.test)) == (45_000, 5_000, 10_000)
+    assert torch.bincount(cifar.test.labels, minlength=10).tolist() == [1000] * 10
+    assert torch.bincount(torch.cat([cifar.train.labels, cifar.val.labels]), minlength=10).tolist() == [5000] * 10
+    # Each class has its own pattern: the mean image of a class is far from the others'.
+    means = torch.stack([cifar.test.images[cifar.test.labels == c].float().mean(0) for c in range(10)])
+    assert torch.cdist(means.flatten(1), means.flatten(1)).fill_diagonal_(1e9).min() > 100
+
+
+def test_real_cifar10_sizes_and_classes(real_cifar):
+    cifar = real_cifar
     assert (len(cifar.train), len(cifar.val), len(cifar.test)) == (45_000, 5_000, 10_000)
     assert cifar.train.images.shape[1:] == (3, 32, 32) and cifar.train.images.dtype == torch.uint8
     # 5,000 training and 1,000 test images per class (SOURCE.md of the shared copy; also the official set)
@@ -299,8 +313,8 @@ def test_normalize_uses_per_channel_stats():
     assert normalize(x, torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_normalized_real_images_are_standardised(small_cifar):
-    x = normalize(small_cifar.train.images)
+def test_normalized_real_images_are_standardised(real_cifar):
+    x = normalize(real_cifar.train.images[:2000])
     mean, std = x.mean((0, 2, 3)), x.std((0, 2, 3))
     assert torch.allclose(mean, torch.zeros(3), atol=0.05)
     assert torch.allclose(std, torch.ones(3), atol=0.05)

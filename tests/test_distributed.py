@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 
 from bench import tracking
 from bench.tune import open_storage
-from conftest import require_data_dir
+from conftest import fixture_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 POSTGRES_URL = os.environ.get("BENCH_TEST_POSTGRES_URL")
@@ -39,7 +39,7 @@ TINY = ["--set", "train_subset=300", "--set", "val_size=200", "--set", "eval_bat
 
 
 def data_dir() -> str:
-    return str(require_data_dir())
+    return str(fixture_data_dir())
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from bench.config import TrainConfig
 from bench.data import Split
 from bench.models import create_model
 from bench.train import create_optimizer, create_scheduler, resolve_runtime, train_one_epoch
-from conftest import require_data_dir
+from conftest import fixture_data_dir
 
 
 def test_first_signal_sets_the_flag_and_the_second_interrupts_at_once():
@@ -63,8 +63,10 @@ def test_training_stops_at_the_next_batch_once_a_stop_is_requested():
 def test_sigterm_ends_a_training_run_as_killed_not_running(tmp_path):
     """What `bench confirm --jobs` forwards to its workers: the run is closed in MLflow, exit 130."""
     cmd = [sys.executable, "-m", "bench.cli", "train", "--norm", "bn", "--epochs", "3", "--threads", "1",
-           "--data-dir", str(require_data_dir()), "--set", "train_subset=3000", "--set", "val_size=200"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+           "--data-dir", str(fixture_data_dir()), "--set", "train_subset=3000", "--set", "val_size=200"]
+    # mlflow.set_tracking_uri (earlier tests) exports MLFLOW_TRACKING_URI: the run must go to this folder's store.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=env)
     for line in proc.stdout:
         if "epoch   1/3" in line:
             break

@@ -108,7 +108,7 @@ def test_cli_prints_tables_and_writes_json(cifar_dir, tmp_path):
 def test_cli_bad_input_is_one_line(cifar_dir):
     result = CliRunner().invoke(cli, ["speed", "--steps", "0", "--data-dir", str(cifar_dir)])
     assert result.exit_code == 2
-    assert result.output.strip() == "error: --steps must be >= 1"
+    assert result.output.strip().splitlines() == ["error: Invalid value for '--steps': 0 is not in the range x>=1. (see `cli speed --help`)"]
 
 
 def test_time_to_accuracy_trains_both_pipelines_and_finds_the_first_epoch(small_cifar):

@@ -1,5 +1,6 @@
-"""Training: a short real run whose loss falls, determinism, divergence, evaluate/predict, the
-optimiser and schedule set-up. Real data slices are small and runs are one epoch."""
+"""Training: a short run whose loss falls (on the generated data set, and once on real CIFAR-10),
+determinism, divergence, evaluate/predict, the optimiser and schedule set-up. Slices are small and
+runs are one epoch."""
 
 from __future__ import annotations
 
@@ -77,6 +78,16 @@ def test_one_epoch_on_real_data_lowers_the_loss(smoke, small_cifar):
     assert 0 < result.test_loss < before_loss
     assert record["images_per_s"] > 0 and record["epoch_seconds"] > 0 and result.seconds >= record["epoch_seconds"]
     assert result.best_val_acc == record["val_acc"]
+
+
+def test_one_epoch_on_real_cifar10_learns(real_cifar):
+    """The tests above run on the generated data set; this one on the real images, where they exist."""
+    config = cfg(batch_size=32)
+    rt = resolve_runtime(config, "bn")
+    data = tiny(real_cifar, n_train=2000, n_val=500, n_test=1000)
+    result = fit(new_model(), data, config, rt)
+    assert result.history[0]["val_loss"] < math.log(10) - 0.1
+    assert result.history[0]["val_acc"] > 0.15 and result.test_acc > 0.15  # chance is 0.10
 
 
 def test_on_epoch_gets_every_epoch_record(smoke):

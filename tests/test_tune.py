@@ -20,14 +20,14 @@ from rich.console import Console
 from bench import config, tracking
 from bench.errors import ConfigError
 from bench.tune import TuneOptions, open_storage, run_study
-from conftest import require_data_dir
+from conftest import fixture_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 2000}
 
 
 def data_dir() -> str:
-    return str(require_data_dir())
+    return str(fixture_data_dir())
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -13,7 +12,7 @@ from .. import tracking, workers
 from ..config import Experiment
 from ..errors import ConfigError, TrackingError
 from .recovery import finished_count, fail_dead_local_trials
-from .options import TuneOptions
+from .options import TuneOptions, worker_environment
 from .study import prepare_study, study_target, open_study_parent, finish_parent
 from .objective import registry_name
 from .space import trial_epochs
@@ -33,7 +32,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     console = console or Console()
     if opts.storage and opts.storage.startswith("sqlite"):
         raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
-    tracking.setup(opts.tracking_uri)
+    uri = tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
     done, target = study_target(study, exp, opts)
     parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.jobs": jobs})
@@ -42,7 +41,8 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]
     console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished)")
     start = time.time()
-    codes, interrupted = workers.run_all([cmd] * jobs, [{**os.environ, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])
+    env = worker_environment(opts.storage, uri)
+    codes, interrupted = workers.run_all([cmd] * jobs, [{**env, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])
     status = "KILLED" if interrupted else "FINISHED"
     recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
     done = finished_count(study)
@@ -61,14 +61,17 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
                             + (f", dead workers' trial(s) {recovered} re-queued" if recovered else "") + "; re-run the same command to resume")
 
 
-VALUE_OPTIONS = ("--jobs", "--threads", "--norm", "--trials")  # set by run_workers for each worker
+# Set by run_workers for each worker; the storage URL and tracking URI go through the environment
+# (a password in them would show in `ps` to every user of the machine).
+VALUE_OPTIONS = ("--jobs", "--threads", "--norm", "--trials", "--storage", "--storage-file", "--tracking-uri")
 
 
 FLAG_OPTIONS = ("--more",)
 
 
 def worker_argv(argv: list[str], norm: str) -> list[str]:
-    """The user's ``bench tune`` arguments for one worker: this norm, without --jobs/--threads/--trials/--more."""
+    """The user's ``bench tune`` arguments for one worker: this norm, without --jobs/--threads/--trials/--more
+    and without the storage and tracking URIs (``worker_environment`` carries them)."""
     out, skip = [], False
     for arg in argv:
         if skip:
