@@ -28,9 +28,12 @@ HTTP_SETTINGS = {
 }
 
 
-def bound_http_retries() -> None:
+def configure_client() -> None:
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
+    # MLflow's SQL store logs each database error with its traceback, then raises it: the raise is
+    # what the user gets, in one line (a full disk shows five tracebacks otherwise).
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     logger = logging.getLogger("urllib3.connectionpool")
     logger.setLevel(logging.WARNING)  # urllib3 logs each retry as a warning; shown as one notice instead
     if not any(isinstance(f, _RetryNotice) for f in logger.filters):
@@ -126,9 +129,12 @@ def origin(err: BaseException) -> str | None:
 def root_cause(err: BaseException, limit: int = 160) -> str:
     """``Type: first line of the message`` of the innermost exception that says something."""
     for e in reversed(chain(err)):
-        if not isinstance(e, UnboundLocalError) and str(e).strip():
+        # Optuna's UnboundLocalError and SQLAlchemy's pool-invalidation signal say nothing of the cause
+        if not isinstance(e, UnboundLocalError) and type(e).__name__ != "InvalidatePoolError" and str(e).strip("() \n"):
             from .tracking import mask_url
 
+            if isinstance(e, OSError) and e.strerror:  # without the source of a copy (a temporary file)
+                return f"{type(e).__name__}: {e.strerror}" + (f": {e.filename2 or e.filename}" if e.filename2 or e.filename else "")
             first = mask_url(str(e).strip().splitlines()[0])
             return f"{type(e).__name__}: {first[:limit]}"
     return type(err).__name__

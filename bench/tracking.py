@@ -65,7 +65,7 @@ def setup(uri: str | None = None) -> str:
     import mlflow
 
     _quiet()
-    faults.bound_http_retries()
+    faults.configure_client()
     uri = resolve_uri(uri)
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
@@ -238,6 +238,8 @@ def close_run(run_id: str, status: str = "FINISHED", error: str | None = None, t
     from mlflow.entities import RunTag
 
     client = mlflow.MlflowClient()
+    if error and (before := client.get_run(run_id).data.tags.get(TAG_ERROR)):  # what the worker recorded before it died
+        error = f"{before}; then {error}"
     tags = {**({TAG_STATE: "FAIL", TAG_ERROR: error[:5000]} if error else {}), **(tags or {})}
     if tags:
         client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])

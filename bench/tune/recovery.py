@@ -97,7 +97,7 @@ def settle(study: optuna.Study, trial: FrozenTrial, retry_reason: str, error: st
                         "requeued_at": time.time(), "failed_tries": failed_tries(trial)},
             system_attrs={"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": tries(trial)},
         ))
-        end_trial_run(study, trial, error)
+        end_trial_run(study, trial, f"{error}; configuration re-queued")
         return True
     numbers = ", ".join(map(str, tries(trial)))
     say(f"trial {trial.number:>3}  params {trial.user_attrs.get('n_params', 0):>6,}  val acc      -  test acc      -  "
