@@ -44,6 +44,24 @@ def servers() -> tuple[str, str]:
     return POSTGRES_URL, MLFLOW_URL
 
 
+@pytest.fixture(autouse=True)
+def no_process_left(monkeypatch):
+    """Every ``bench tune`` a test started is ended with it, even when the test fails half way."""
+    started = []
+    original = Worker.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        started.append(self)
+
+    monkeypatch.setattr(Worker, "__init__", init)
+    yield
+    for w in started:
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,7 +75,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
            "--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts")]
     proc = subprocess.Popen(cmd, stdout=(folder / "server.log").open("a"), stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    deadline = time.time() + 90
+    deadline = time.time() + PATIENCE
     while time.time() < deadline:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
@@ -66,7 +84,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-    pytest.fail("mlflow server did not answer in 90 s")
+    pytest.fail(f"mlflow server did not answer in {PATIENCE} s")
 
 
 def kill_group(proc: subprocess.Popen) -> None:
