@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from . import mlflow_log
+from . import faults, mlflow_log
 from .errors import BudgetError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
@@ -67,15 +67,23 @@ def setup(uri: str | None = None) -> str:
     import mlflow
 
     _quiet()
+    faults.configure_client()
     uri = resolve_uri(uri)
     mlflow_log.route(mlflow_log.log_path(uri))  # also creates the SQLite store's folder
     mlflow.set_tracking_uri(uri)
     if uri.startswith(("http://", "https://")):
         _probe_server(uri)
     try:
-        mlflow.search_experiments(max_results=1)
+        if uri.startswith("sqlite:///"):
+            with faults.store_lock(Path(uri.removeprefix("sqlite:///"))):  # the first query creates the tables
+                mlflow.search_experiments(max_results=1)
+        else:
+            mlflow.search_experiments(max_results=1)
     except Exception as err:  # the store's own exception types vary by backend
-        raise TrackingError(f"MLflow tracking store {mask_url(uri)} is unreachable ({type(err).__name__}); start it or pass --tracking-uri") from None
+        if uri.startswith(("http://", "https://")) and faults.server_lost(err):
+            raise TrackingError(f"MLflow tracking store {mask_url(uri)} is unreachable ({type(err).__name__}); start it or pass --tracking-uri") from None
+        hint = "free some space" if faults.disk_full(err) else "check the store or pass --tracking-uri"
+        raise TrackingError(f"MLflow tracking store {mask_url(uri)} cannot be opened ({faults.root_cause(err)}); {hint}") from None
     return uri
 
 
@@ -162,15 +170,14 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
     try:
         yield active
     except KeyboardInterrupt:
-        mlflow.set_tag(TAG_STATE, "INTERRUPTED")
-        mlflow.end_run("KILLED")
+        _end_active_run("KILLED", {TAG_STATE: "INTERRUPTED"})
         raise
     except BaseException as err:
         state = _state_of(err)
-        mlflow.set_tag(TAG_STATE, state)
-        if state == "FAIL":
-            mlflow.set_tag(TAG_ERROR, mask_url(f"{type(err).__name__}: {err}")[:5000])
-        mlflow.end_run("FINISHED" if state in ("PRUNED", "REJECTED") else "FAILED")
+        if faults.server_lost(err):
+            faults.fail_fast()
+        tags = {TAG_STATE: state, **({TAG_ERROR: mask_url(f"{type(err).__name__}: {err}")[:5000]} if state == "FAIL" else {})}
+        _end_active_run("FINISHED" if state in ("PRUNED", "REJECTED") else "FAILED", tags)
         raise
     else:
         mlflow.end_run("FINISHED")
@@ -187,6 +194,18 @@ def system_metrics_enabled() -> bool:
     if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined:
         return MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get()
     return importlib.util.find_spec("psutil") is not None
+
+
+def _end_active_run(status: str, tags: dict[str, str]) -> None:
+    """End the active run while an error propagates. If the store is gone this fails: the error
+    that is propagating matters more, and ``end_run`` still takes the run off MLflow's stack (left
+    there, MLflow's exit hook would end it FINISHED). The next resume ends it FAILED instead."""
+    import mlflow
+
+    with contextlib.suppress(Exception):
+        mlflow.set_tags(tags)
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status)
 
 
 # ---------------------------------------------------------------- parent runs shared by workers
@@ -249,14 +268,29 @@ def run_params(run_id: str) -> dict[str, str]:
         return {}
 
 
-def close_run(run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+def close_run(run_id: str, status: str = "FINISHED", error: str | None = None, tags: dict[str, Any] | None = None) -> None:
     import mlflow
+    from mlflow.entities import RunTag
 
     client = mlflow.MlflowClient()
-    if error:
-        client.set_tag(run_id, TAG_STATE, "FAIL")
-        client.set_tag(run_id, TAG_ERROR, mask_url(error)[:5000])
+    if error and (before := client.get_run(run_id).data.tags.get(TAG_ERROR)):  # what the worker recorded before it died
+        error = f"{before}; then {error}"
+    tags = {**({TAG_STATE: "FAIL", TAG_ERROR: mask_url(error)[:5000]} if error else {}), **(tags or {})}
+    if tags:
+        client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
     client.set_terminated(run_id, status)
+
+
+def trial_runs(study: str) -> dict[int, Any]:
+    """The MLflow runs of a study's trials, by trial number (none if the experiment does not exist)."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(study)
+    if exp is None:
+        return {}
+    runs = mlflow.MlflowClient().search_runs([exp.experiment_id], f"tags.`{TAG_KIND}` = 'trial' AND tags.`{TAG_STUDY}` = '{study}'",
+                                             max_results=50000)
+    return {int(r.data.tags[TAG_TRIAL]): r for r in runs if r.data.tags.get(TAG_TRIAL, "").isdigit()}
 
 
 def log_to_run(run_id: str, metrics: dict[str, float] | None = None, params: dict[str, Any] | None = None,

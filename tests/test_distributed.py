@@ -307,7 +307,7 @@ def test_sigkilled_worker_on_the_journal_storage_is_recovered_by_the_next_run(tm
     assert "recovered dead worker trial(s) [0]" in second.output
     study, runs = local_store(tmp_path)
     killed, retry = study.trials
-    assert killed.state == TrialState.FAIL and killed.user_attrs["interrupted"]
+    assert killed.state == TrialState.FAIL and killed.user_attrs["worker_lost"].endswith(" died")
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["retry_of"] == 0 and retry.params == killed.params
     parent, trial_runs = check_one_study(study, runs, 1)  # the second run joined the first run's parent and closed it
     killed_run = next(r for r in trial_runs if r.data.tags[tracking.TAG_TRIAL] == "0")

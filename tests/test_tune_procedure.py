@@ -64,6 +64,7 @@ def test_an_interrupted_baseline_is_queued_again_as_the_baseline():
     assert enqueue_baseline(study, exp) and not enqueue_baseline(study, exp)
     trial = study.ask()
     suggest(trial, exp)  # takes the queued values
+    trial.set_user_attr("interrupted", True)  # as Ctrl-C leaves it
     study.tell(trial, state=TrialState.FAIL)
     assert requeue_interrupted(study) == [0]
     waiting = study.get_trials(states=(TrialState.WAITING,))

@@ -8,11 +8,12 @@ import time
 
 from rich.console import Console
 
-from .. import tracking, workers
+from .. import faults, tracking, workers
 from ..config import Experiment
 from ..errors import ConfigError, TrackingError
-from .recovery import finished_count, fail_dead_local_trials
+from .recovery import end_runs_of_failed_trials, finished_count, fail_dead_local_trials, recover
 from .options import TuneOptions, worker_environment
+from .storage import storage_label
 from .study import prepare_study, study_target, open_study_parent, finish_parent
 from .objective import registry_name
 from .space import trial_epochs
@@ -34,18 +35,26 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
         raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
     uri = tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
+    recovered, requeued = recover(study)  # here once, not in every worker: each failed trial is re-queued once
     done, target = study_target(study, exp, opts)
     parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.jobs": jobs})
     threads = workers.threads_per_worker(jobs, opts.threads)
     # The total is fixed here: with --more, workers starting at different moments would each add N.
     cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]
-    console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished)")
+    console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished"
+                  + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
+                  + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "") + ")")
     start = time.time()
     env = worker_environment(opts.storage, uri)
     codes, interrupted = workers.run_all([cmd] * jobs, [{**env, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])
     status = "KILLED" if interrupted else "FINISHED"
-    recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
-    done = finished_count(study)
+    try:
+        recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)
+        end_runs_of_failed_trials(study)
+        done = finished_count(study)
+    except Exception as err:  # the workers each said what they lost; the launcher says it once more, in one line
+        raise TrackingError(f"{faults.lost_store_message(err, storage_label(opts.storage), tracking.mask_url(uri))} "
+                            f"(worker exit codes {codes})") from None
     if status == "FINISHED" and any(codes):
         if done < target:
             status = "FAILED"

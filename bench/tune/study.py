@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 import torch
 
-from .. import interrupt, tracking
+from .. import faults, interrupt, tracking
 from ..config import Experiment
 from ..errors import BenchError, ConfigError, DivergedError, TrackingError
 from ..run import load_data
@@ -25,7 +25,7 @@ from ..runtime import default_device, resolve_runtime, setup_threads
 from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
 from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, trial_epochs
-from .recovery import finished, finished_count, counted, requeue_interrupted, fail_dead_local_trials
+from .recovery import finished, finished_count, counted, fail_dead_local_trials, guard, recover
 from .objective import SurplusTrial, Objective
 from .objective import registry_name
 from .summary import describe_dimension, print_outcome, summarise_to_parent
@@ -48,7 +48,7 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
         with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             study.set_metric_names(["val_acc"])  # optuna-dashboard labels the objective with it
     except Exception as err:
-        raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({type(err).__name__}); check it is reachable") from None
+        raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({faults.root_cause(err)}); check it is reachable") from None
     check_search_space(study, exp)
     check_fixed_recipe(study, exp, trial_epochs(exp, opts))
     enqueue_baseline(study, exp)
@@ -72,8 +72,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     setup_threads(opts.threads)
     uri = tracking.setup(opts.tracking_uri)
     study = prepare_study(exp, opts)
-    recovered = fail_dead_local_trials(study)
-    requeued = requeue_interrupted(study)
+    recovered, requeued = ([], []) if os.environ.get("BENCH_PARENT_RUN_ID") else recover(study)  # `--jobs K`: the launcher did
     done, target = study_target(study, exp, opts)
     console.print(
         f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, {pruner_label(exp, opts, epochs)}) "
@@ -93,8 +92,8 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         study.sampler = create_sampler(exp, opts.seed + int(os.environ["BENCH_WORKER_INDEX"]))
     elif joined:  # another worker is on this study: the same seed would replay its random draws
         study.sampler.reseed_rng()
-    objective = Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target)
-    status = "FINISHED"
+    objective = guard(Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target), console)
+    status, lost = "FINISHED", False
     start = time.time()
     deadline = start + opts.timeout if opts.timeout else None
     try:
@@ -113,12 +112,13 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     except BenchError:
         status = "FAILED"
         raise
-    except Exception as err:  # storage or tracking server lost mid-study; finished trials are already stored
-        status = "FAILED"
-        raise TrackingError(f"lost the study's storage or tracking store ({type(err).__name__}: {tracking.mask_url(str(err))[:200]}); "
-                            "finished trials are kept, re-run the same command once it is back") from None
+    except Exception as err:  # storage or tracking server lost mid-study, or disk full; finished trials are already stored
+        status, lost = "FAILED", True
+        raise TrackingError(faults.lost_store_message(err, storage_label(opts.storage), tracking.mask_url(uri))) from None
     finally:
-        if not os.environ.get("BENCH_PARENT_RUN_ID"):
+        # After a lost store the parent run is left open: the resume joins it (one parent per study),
+        # and the error stays the one line (no warnings, no waiting on a server that is gone).
+        if not os.environ.get("BENCH_PARENT_RUN_ID") and not lost:
             finish_parent(study, parent_id, status, time.time() - start, console, epochs)
     if not os.environ.get("BENCH_PARENT_RUN_ID"):  # a --jobs worker leaves the summary to its launcher
         print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
