@@ -36,16 +36,8 @@ from .config import NORMS, TrainConfig
 from .data import CIFAR10, MEAN, STD, Split, eval_batches
 from .errors import ConfigError
 from .models import Dropout, count_params, create_model
-from .train import (
-    Runtime,
-    create_optimizer,
-    create_scheduler,
-    default_device,
-    predict,
-    resolve_runtime,
-    setup_threads,
-    train_one_epoch,
-)
+from .runtime import Runtime, default_device, resolve_runtime, setup_threads
+from .train import create_optimizer, create_scheduler, predict, train_one_epoch
 
 Runner = Callable[[int], int]  # run(images) trains or evaluates on that many images, returns the count
 

@@ -19,7 +19,8 @@ from .data import CIFAR10
 from .errors import ConfigError
 from .models import count_params, create_model
 from .speed import epoch_runner, interleaved, warm_up
-from .train import create_optimizer, default_device, resolve_runtime, setup_threads
+from .runtime import default_device, resolve_runtime, setup_threads
+from .train import create_optimizer
 
 
 @dataclasses.dataclass
