@@ -130,7 +130,7 @@ def synthetic_study(curves: dict[int, list[float]], baseline: int | None = None)
     dist = {"lr": FloatDistribution(0.01, 1.0)}
     for number, curve in curves.items():
         values = dict(enumerate(curve, 1))
-        study.add_trial(create_trial(value=max(curve), params={"lr": 0.1}, distributions=dist, intermediate_values=values,
+        study.add_trial(create_trial(value=max(curve), params={"lr": 0.1 + number / 100}, distributions=dist, intermediate_values=values,
                                      user_attrs={"baseline": number == baseline, "test_acc": max(curve) - 0.01, "n_params": 1000}))
     return study
 
