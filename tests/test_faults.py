@@ -143,7 +143,7 @@ def test_killed_tracking_server_is_one_line_in_seconds_and_the_resume_fails_the_
         server = start_mlflow_server(tmp_path / "server", port)
         second = Worker(cmd, tmp_path, "second")
         assert second.wait(PATIENCE) == 0, second.output
-        assert "re-queued interrupted trial(s) [0]" in second.output
+        assert "re-queued failed trial(s) [0]" in second.output
 
         study = optuna.load_study(study_name="bn", storage=open_storage(str(tmp_path / "mlruns/optuna.journal")))
         runs = mlflow_runs(uri, "bn")
