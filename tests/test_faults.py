@@ -84,6 +84,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
+    kill_group(proc)
     pytest.fail(f"mlflow server did not answer in {PATIENCE} s")
 
 
