@@ -28,7 +28,17 @@ HTTP_SETTINGS = {
 }
 
 
+_BEFORE_FAIL_FAST: dict[str, str | None] = {}
+
+
 def configure_client() -> None:
+    """MLflow's client for this process: the retry budget above (after any ``fail_fast``), one notice per retried request."""
+    for name, value in _BEFORE_FAIL_FAST.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _BEFORE_FAIL_FAST.clear()
     for name, value in HTTP_SETTINGS.items():
         os.environ.setdefault(name, value)
     # MLflow's SQL store logs each database error with its traceback, then raises it: the raise is
@@ -43,8 +53,9 @@ def configure_client() -> None:
 def fail_fast() -> None:
     """The tracking server is known lost: the calls that record the failure (end the run, tag it)
     must not each wait out the retry budget again."""
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")):
+        _BEFORE_FAIL_FAST.setdefault(name, os.environ.get(name))
+        os.environ[name] = value
 
 
 class _RetryNotice(logging.Filter):

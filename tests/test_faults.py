@@ -84,6 +84,7 @@ def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
             if proc.poll() is not None:
                 pytest.fail(f"mlflow server exited:\n{(folder / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
+    kill_group(proc)
     pytest.fail(f"mlflow server did not answer in {PATIENCE} s")
 
 
@@ -143,7 +144,7 @@ def test_killed_tracking_server_is_one_line_in_seconds_and_the_resume_fails_the_
         server = start_mlflow_server(tmp_path / "server", port)
         second = Worker(cmd, tmp_path, "second")
         assert second.wait(PATIENCE) == 0, second.output
-        assert "re-queued interrupted trial(s) [0]" in second.output
+        assert "re-queued failed trial(s) [0]" in second.output
 
         study = optuna.load_study(study_name="bn", storage=open_storage(str(tmp_path / "mlruns/optuna.journal")))
         runs = mlflow_runs(uri, "bn")

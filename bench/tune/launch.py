@@ -43,7 +43,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     cmd = [sys.executable, "-m", "bench.cli", "tune", *worker_argv, "--trials", str(target), "--jobs", "1", "--threads", str(threads)]
     console.print(f"starting {jobs} workers x {threads} thread(s) on study '{study.study_name}' ({done} of {target} trials finished"
                   + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
-                  + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "") + ")")
+                  + (f"; re-queued failed trial(s) {requeued}" if requeued else "") + ")")
     start = time.time()
     env = worker_environment(opts.storage, uri)
     codes, interrupted = workers.run_all([cmd] * jobs, [{**env, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])

@@ -78,7 +78,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         f"study '{study.study_name}' ({exp.model.norm}, {epochs} epochs/trial, {pruner_label(exp, opts, epochs)}) "
         f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
         + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
-        + (f"; re-queued interrupted trial(s) {requeued}" if requeued else "")
+        + (f"; re-queued failed trial(s) {requeued}" if requeued else "")
     )
     if target - done <= 0:
         return study
