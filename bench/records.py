@@ -7,6 +7,7 @@ Runs are found by the ``bench.*`` tags that tune, confirm and report write; noth
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -151,16 +152,23 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def predictions(run_id: str) -> dict[str, np.ndarray] | None:
-    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None."""
+    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None when
+    the run has none (logged before predictions were). One that exists but cannot be read is a
+    warning naming the run, not a silent empty panel."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            if "predictions/test.npz" not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "predictions")}:
+                return None
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.npz", dst_path=tmp)
-        except Exception:  # absent artifact: the store's exception types vary by backend
+            with np.load(Path(path)) as npz:
+                return {k: npz[k] for k in npz.files}
+        except Exception as err:  # the store's exception types vary by backend
+            logging.getLogger(__name__).warning(
+                f"warning: predictions/test.npz of run {run_id} could not be read ({type(err).__name__}: "
+                f"{tracking.mask_url(str(err))[:200]}); its confusion matrix and examples are left out")
             return None
-        with np.load(Path(path)) as npz:
-            return {k: npz[k] for k in npz.files}
 
 
 def metric(run, key: str) -> float:

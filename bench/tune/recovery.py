@@ -4,6 +4,7 @@ failed once, their configuration queued again.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -80,8 +81,11 @@ def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> boo
         run_id = trial.user_attrs.get("mlflow_run_id") or tracking.find_trial_run(study.study_name, trial.number)
         if run_id:
             tracking.close_run(run_id, "FAILED", error=reason)
-    except Exception:
-        pass
+    except Exception as err:  # the tracking store is unreachable: the trial is recovered in Optuna all the same
+        run = trial.user_attrs.get("mlflow_run_id") or f"of trial {trial.number}"
+        logging.getLogger(__name__).warning(
+            f"warning: MLflow run {run} (study '{study.study_name}') left RUNNING: {type(err).__name__}: "
+            f"{tracking.mask_url(str(err))[:200]}; the trial is re-queued, the run stays open until closed in MLflow")
     return True
 
 
