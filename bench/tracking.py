@@ -46,12 +46,24 @@ def resolve_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def _deprecations_and_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "deprecat" in record.getMessage().lower()
+
+
 def _quiet() -> None:
-    for name in ("mlflow", "alembic", "urllib3", "git", "torch._export"):
+    for name in ("alembic", "urllib3", "git", "torch._export"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow's chatter stays quiet, but not what will break: its deprecation notices (FutureWarning
+    # from its @deprecated, or a logged warning) show, once each. DeprecationWarnings raised inside
+    # MLflow's own code (SQLAlchemy's about MLflow's queries) are MLflow's to fix and stay hidden.
+    mlflow_logger = logging.getLogger("mlflow")
+    mlflow_logger.setLevel(logging.WARNING)
+    own = [h for h in mlflow_logger.handlers if h not in logging.getLogger().handlers]  # MLflow's, not shared ones
+    for handler in own:  # on the handler: a logger's filter misses its children's records
+        if _deprecations_and_errors not in handler.filters:
+            handler.addFilter(_deprecations_and_errors)
     warnings.filterwarnings("ignore", module="mlflow")
-    for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):  # what will break: once each
-        warnings.filterwarnings("once", category=category, module="mlflow")
+    warnings.filterwarnings("once", category=FutureWarning, module="mlflow")
     warnings.filterwarnings("ignore", message=".*pydantic.*")
     os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download many small artifacts

@@ -70,10 +70,23 @@ def test_predictions_that_fail_to_download_are_a_warning(run_with_predictions, m
 
 
 def test_mlflow_deprecations_show_once_and_other_mlflow_warnings_stay_quiet():
-    deprecated, noise = f"old_api is deprecated {uuid.uuid4()}", f"chatter {uuid.uuid4()}"
+    deprecated, noise, internal = (f"{text} {uuid.uuid4()}" for text in ("old_api is deprecated", "chatter", "sqlalchemy noload"))
     with warnings.catch_warnings(record=True) as caught:
         tracking._quiet()
         for _ in range(2):
-            warnings.warn_explicit(deprecated, FutureWarning, "mlflow/x.py", 1, module="mlflow.x")
+            warnings.warn_explicit(deprecated, FutureWarning, "mlflow/x.py", 1, module="mlflow.x")  # MLflow's @deprecated
             warnings.warn_explicit(noise, UserWarning, "mlflow/x.py", 2, module="mlflow.x")
+            warnings.warn_explicit(internal, DeprecationWarning, "mlflow/x.py", 3, module="mlflow.x")  # a library's, about MLflow
     assert [str(w.message) for w in caught] == [deprecated]
+
+
+def test_mlflow_logged_deprecations_reach_the_log_and_its_chatter_does_not(capsys):
+    tracking._quiet()  # after `import mlflow`, which installs MLflow's handler (stderr)
+    child = logging.getLogger("mlflow.models.model")
+    child.warning("`artifact_path` is deprecated. Please use `name` instead.")
+    child.warning("Creating initial MLflow database tables...")
+    child.info("Updating database tables")
+    child.error("could not write the artifact")
+    err = capsys.readouterr().err
+    assert "`artifact_path` is deprecated" in err and "could not write the artifact" in err
+    assert "database tables" not in err
