@@ -219,7 +219,7 @@ def tune(experiment_file, norm, assignments, data_dir, download, trials, more, s
 @friendly_errors
 def ui(host, port, tracking_uri):
     """Serve the MLflow UI on the project's store."""
-    from .tracking import serve_ui
+    from .ui import serve_ui
 
     serve_ui(host, port, tracking_uri, echo=console.print)
 

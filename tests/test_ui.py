@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.tracking import group_members
+from bench.ui import group_members
 
 START_SECONDS = 300  # mlflow server takes ~30 s to answer on an idle 2-core machine, minutes on a busy one
 
