@@ -89,7 +89,7 @@ start_mlflow() {
     --serve-artifacts --artifacts-destination "$MLFLOW_DIR/artifacts" \
     >"$MLFLOW_DIR/server.log" 2>&1 </dev/null &
   echo $! >"$MLFLOW_DIR/server.pid"
-  for _ in $(seq 1 120); do
+  for _ in $(seq 1 300); do  # up to 5 min: a busy 2-core machine starts it slowly
     if curl -fsS "$url/health" >/dev/null 2>&1; then
       echo "services: mlflow server $("$VENV/bin/mlflow" --version | awk '{print $NF}') at $url (store $MLFLOW_DIR)"
       return

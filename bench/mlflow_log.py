@@ -3,13 +3,15 @@
 MLflow prints its registry messages ("Successfully registered model ...", "Created version ...")
 with ``print(file=MLFLOW_LOGGING_STREAM)``, a stream that forwards to stderr, and its loggers
 (store migrations, the system-metrics monitor, artifact uploads) write to that stream too. bench
-points both at one file, ``mlruns/bench.log`` for the default store.
+points both at one file, ``mlruns/bench.log`` for the default store. What will break still reaches
+the user on stderr: MLflow's errors and its logged deprecation notices.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import sys
 from pathlib import Path
 
 LOG_FILE = "bench.log"
@@ -21,6 +23,10 @@ LEVELS = {"mlflow": logging.INFO, "alembic": logging.WARNING, "huey": logging.WA
 
 class _BenchLogHandler(logging.FileHandler):
     """The handler bench installs (so a second ``route`` replaces it rather than adding one)."""
+
+
+def deprecations_and_errors(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "deprecat" in record.getMessage().lower()
 
 
 class _PrintsToLog(io.TextIOBase):
@@ -50,12 +56,15 @@ def route(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = _BenchLogHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter(logging_utils.LOGGING_LINE_FORMAT, logging_utils.LOGGING_DATETIME_FORMAT))
+    to_user = logging.StreamHandler(sys.stderr)
+    to_user.setLevel(logging.WARNING)
+    to_user.addFilter(deprecations_and_errors)  # on the handler: a logger's filter misses its children's records
     for name, level in LEVELS.items():
         logger = logging.getLogger(name)
         for old in logger.handlers:
             if isinstance(old, _BenchLogHandler) and old is not handler:
                 old.close()
-        logger.handlers = [handler]
+        logger.handlers = [handler, to_user] if name == "mlflow" else [handler]
         logger.setLevel(level)
         logger.propagate = False
     # MLflow has no setting for where eprint goes; it reads this module global at each call.

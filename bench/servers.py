@@ -7,6 +7,12 @@ so it shows running studies live: history, parameter importances, parallel coord
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from . import tracking
@@ -54,10 +60,8 @@ def runs_url(host: str, port: int, experiment_id: str) -> str:
 
 
 def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:
-    """Run ``mlflow server`` on the project's store until interrupted."""
-    import subprocess
-    import sys
-
+    """Run ``mlflow server`` on the project's store until interrupted (Ctrl-C or SIGTERM), then stop
+    it with everything it started."""
     uri = tracking.resolve_uri(uri)
     if uri.startswith("http"):
         raise TrackingError(f"{tracking.mask_url(uri)} is already a tracking server; open it in a browser")
@@ -70,7 +74,47 @@ def serve_ui(host: str, port: int, uri: str | None = None, echo=print) -> None:
     echo('Runs tables (or switch the UI to "Model training", top left, once per browser):')
     for experiment_id, name in experiments[:MAX_LINKS]:
         echo(f"  {name}: {runs_url(host, port, experiment_id)}")
+    # Its own process group: the server starts uvicorn workers and a job runner with its huey
+    # consumers, which outlive it unless the whole group is stopped.
+    server = subprocess.Popen(cmd, start_new_session=True)
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        subprocess.run(cmd, check=False)
+        server.wait()
     except KeyboardInterrupt:
         pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_process_group(server)
+
+
+def stop_process_group(proc, timeout: float = 20.0) -> None:
+    """SIGTERM to ``proc``'s process group (``proc`` leads it), then SIGKILL to whatever is left
+    after ``timeout`` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout)
+    while group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``, from /proc."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:  # state, ppid, pgrp
+            members.append(int(stat.parent.name))
+    return members

@@ -7,6 +7,7 @@ Runs use MLflow's fluent API, so a study shows in the UI as a tree: one parent r
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
@@ -54,6 +55,7 @@ def resolve_uri(uri: str | None = None) -> str:
 
 def _quiet() -> None:
     warnings.filterwarnings("ignore", module="mlflow")
+    warnings.filterwarnings("once", category=FutureWarning, module="mlflow")
     warnings.filterwarnings("ignore", message=".*pydantic.*")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # reports download many small artifacts
     # MLflow prints "View run at <server URL>" for every run on a tracking server: noise between the
@@ -512,16 +514,23 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def load_predictions(run_id: str) -> dict[str, np.ndarray] | None:
-    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None."""
+    """The run's ``predictions/test.npz`` (predicted, labels, wrong_index, wrong_images), or None when
+    the run has none (logged before predictions were). One that exists but cannot be read is a
+    warning naming the run, not a silent empty panel."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
+            if PREDICTIONS not in {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, Path(PREDICTIONS).parent.as_posix())}:
+                return None
             path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PREDICTIONS, dst_path=tmp)
-        except Exception:  # absent artifact: the store's exception types vary by backend
+            with np.load(Path(path)) as npz:
+                return {k: npz[k] for k in npz.files}
+        except Exception as err:  # the store's exception types vary by backend
+            logging.getLogger(__name__).warning(
+                f"warning: {PREDICTIONS} of run {run_id} could not be read ({type(err).__name__}: "
+                f"{mask_url(str(err))[:200]}); its confusion matrix and examples are left out")
             return None
-        with np.load(Path(path)) as npz:
-            return {k: npz[k] for k in npz.files}
 
 
 def log_folder(folder: str | Path) -> str:

@@ -162,7 +162,7 @@ def test_bad_numbers_are_one_line_errors_before_any_work(args, message, isolated
 
 
 def test_click_usage_errors_are_one_line_too():
-    assert_user_error(invoke("tune", "--bogus"), "No such option '--bogus'", "tune --help")
+    assert_user_error(invoke("tune", "--bogus"), "No such option", "--bogus", "tune --help")  # click's wording varies by version
     assert_user_error(invoke("ui", "--port", "0"), "Invalid value for '--port': 0 is not in the range 1<=x<=65535")
     assert invoke("--help").exit_code == 0 and invoke("tune", "--help").exit_code == 0
 

@@ -21,7 +21,7 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from bench import config, inference, mlflow_log, tracking
+from bench import config, inference, mlflow_log, servers, tracking
 from bench.cli import cli
 from bench.data import CLASSES, CIFAR10, Split, normalize
 from bench.run import train_tracked
@@ -78,7 +78,16 @@ def test_bench_ui_lists_each_experiments_runs_table(isolated_mlruns, monkeypatch
     tracking.setup()
     exp_id = mlflow.create_experiment("bn")
     started = []
-    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: started.append(cmd))
+
+    class ServerThatExits:
+        def __init__(self, cmd, **kwargs):
+            started.append(cmd)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", ServerThatExits)
+    monkeypatch.setattr(servers, "stop_process_group", lambda proc: None)  # tests/test_ui.py stops a real one
     result = CliRunner().invoke(cli, ["ui", "--port", "5099"])
     assert result.exit_code == 0, result.output
     assert f"bn: http://127.0.0.1:5099/#/experiments/{exp_id}/runs?workflowType=machine_learning" in result.output

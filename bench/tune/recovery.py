@@ -20,6 +20,7 @@ one is skipped unrun (``duplicate_of``, counted as surplus).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -114,12 +115,17 @@ def settle(study: optuna.Study, trial: FrozenTrial, retry_reason: str, error: st
 
 
 def end_trial_run(study: optuna.Study, trial: FrozenTrial, error: str, tags: dict[str, Any] | None = None) -> None:
-    """End the trial's MLflow run FAILED (KILLED if interrupted) with the reason. Best effort: if the
-    tracking store is down too, the next start ends it (``end_runs_of_failed_trials``)."""
-    with contextlib.suppress(Exception):
+    """End the trial's MLflow run FAILED (KILLED if interrupted) with the reason. If the tracking
+    store is down too, a warning names the run, and the next start ends it (``end_runs_of_failed_trials``)."""
+    try:
         run_id = trial.user_attrs.get("mlflow_run_id") or tracking.find_trial_run(study.study_name, trial.number)
         if run_id:
             tracking.close_run(run_id, "KILLED" if trial.user_attrs.get("interrupted") else "FAILED", error=error, tags=tags)
+    except Exception as err:  # the tracking store is unreachable: the trial is settled in Optuna all the same
+        run = trial.user_attrs.get("mlflow_run_id") or f"of trial {trial.number}"
+        logging.getLogger(__name__).warning(
+            f"warning: MLflow run {run} (study '{study.study_name}') left RUNNING: {type(err).__name__}: "
+            f"{tracking.mask_url(str(err))[:200]}; the next `bench tune` of this study ends it")
 
 
 def mark_dead_trial(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
