@@ -102,6 +102,26 @@ def test_rerun_resumes_to_the_total(store):
     assert len([r for r in runs_of("bn") if r.data.tags[tracking.TAG_KIND] == "trial"]) == 3
 
 
+@pytest.mark.parametrize("worker", ["", "1"])
+def test_a_resumed_study_draws_new_configurations(store, monkeypatch, worker):
+    """TPE's startup trials come from its seeded RNG: a resume (or a --jobs worker re-launched on the
+    study) seeded as before replayed the configurations already run."""
+    if worker:
+        monkeypatch.setenv("BENCH_WORKER_INDEX", worker)
+    exp = over_budget_experiment()  # trials are rejected untrained: only the draws matter
+    run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
+    run_study(exp, TuneOptions(trials=4, epochs=1, data_dir=data_dir(), threads=1))
+    drawn = [tuple(sorted(t.params.items())) for t in load_study("bn").trials]
+    assert len(drawn) == 4 and len(set(drawn)) == 4
+
+
+def test_a_fresh_study_seeded_alike_draws_alike(store):
+    exp = over_budget_experiment()
+    first = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1, study="a"))
+    second = run_study(exp, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1, study="b"))
+    assert [t.params for t in first.trials] == [t.params for t in second.trials]
+
+
 def test_over_budget_space_is_rejected_before_training(store, monkeypatch):
     exp = over_budget_experiment()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import numpy as np
 import optuna
 
 from .. import tracking
@@ -18,6 +19,15 @@ from .options import TuneOptions
 def create_sampler(exp: Experiment, seed: int) -> optuna.samplers.BaseSampler:
     # Constraint-aware: trials record their parameter excess with ``trial.set_constraint``.
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=exp.tune.startup_trials, multivariate=True)
+
+
+def sampler_seed(seed: int, worker: int, trials_run: int) -> int:
+    """The sampler's seed: ``seed`` itself for a fresh study's first worker, else one derived from
+    (seed, worker, trials already run). TPE draws its startup trials from its seeded RNG, so a second
+    worker, or a resumed study, seeded as before would replay configurations the study already ran."""
+    if not worker and not trials_run:
+        return seed
+    return int(np.random.SeedSequence([seed, worker, trials_run]).generate_state(1)[0])
 
 
 def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:

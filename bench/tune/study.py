@@ -24,7 +24,7 @@ from ..run import load_data
 from ..runtime import default_device, resolve_runtime, setup_threads
 from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
-from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, trial_epochs
+from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, sampler_seed, trial_epochs
 from .recovery import finished, finished_count, counted, fail_dead_local_trials, guard, recover
 from .objective import SurplusTrial, Objective
 from .objective import registry_name
@@ -88,9 +88,10 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     joined = bool(parent_id)
     if not parent_id:
         parent_id, joined = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
-    if os.environ.get("BENCH_WORKER_INDEX"):  # one of `--jobs K` workers: its own seed, not its siblings' draws
-        study.sampler = create_sampler(exp, opts.seed + int(os.environ["BENCH_WORKER_INDEX"]))
-    elif joined:  # another worker is on this study: the same seed would replay its random draws
+    worker = int(os.environ.get("BENCH_WORKER_INDEX", 0))  # one of `--jobs K` workers: not its siblings' draws
+    trials_run = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
+    study.sampler = create_sampler(exp, sampler_seed(opts.seed, worker, trials_run))  # a resume draws anew
+    if joined and not worker:  # another process started this study's run: the same seed would replay its draws
         study.sampler.reseed_rng()
     objective = guard(Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target), console)
     status, lost = "FINISHED", False
