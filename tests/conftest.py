@@ -254,3 +254,16 @@ def isolated_mlruns(tmp_path, monkeypatch) -> Path:
         while mlflow.active_run() is not None:
             mlflow.end_run()
         mlflow.set_tracking_uri(previous)  # None: back to "unset" (monkeypatch then restores the env)
+
+
+@pytest.fixture
+def servers() -> tuple[str, str]:
+    """(PostgreSQL URL, `mlflow server` URL) started by .ci/services.sh; skipped where it did not run,
+    failed where CI requires it (BENCH_REQUIRE_SERVICES=1)."""
+    postgres, mlflow_server = os.environ.get("BENCH_TEST_POSTGRES_URL"), os.environ.get("BENCH_TEST_MLFLOW_URL")
+    if not (postgres and mlflow_server):
+        reason = "BENCH_TEST_POSTGRES_URL / BENCH_TEST_MLFLOW_URL not set: run .ci/services.sh start and source its env file"
+        if os.environ.get("BENCH_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason} (BENCH_REQUIRE_SERVICES=1)", pytrace=False)
+        pytest.skip(reason)
+    return postgres, mlflow_server

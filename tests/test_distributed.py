@@ -42,16 +42,6 @@ def data_dir() -> str:
     return str(fixture_data_dir())
 
 
-@pytest.fixture
-def servers() -> tuple[str, str]:
-    if not (POSTGRES_URL and MLFLOW_URL):
-        reason = "BENCH_TEST_POSTGRES_URL / BENCH_TEST_MLFLOW_URL not set: run .ci/services.sh start and source its env file"
-        if os.environ.get("BENCH_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason} (BENCH_REQUIRE_SERVICES=1)", pytrace=False)
-        pytest.skip(reason)
-    return POSTGRES_URL, MLFLOW_URL
-
-
 def password_of(url: str) -> str:
     from urllib.parse import urlsplit
 

@@ -27,21 +27,10 @@ from optuna.trial import TrialState
 
 from bench import tracking
 from bench.tune import open_storage
-from test_distributed import MLFLOW_URL, POSTGRES_URL, REPO, Worker, check_one_study, mlflow_runs, study_name, tune_cmd, wait_for_line
+from test_distributed import REPO, Worker, check_one_study, mlflow_runs, study_name, tune_cmd, wait_for_line
 
 PATIENCE = 600  # seconds a run may take on a loaded machine (each takes well under a minute on an idle one)
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
-
-
-@pytest.fixture
-def servers() -> tuple[str, str]:
-    """PostgreSQL and an `mlflow server` from .ci/services.sh (as in tests/test_distributed.py)."""
-    if not (POSTGRES_URL and MLFLOW_URL):
-        reason = "BENCH_TEST_POSTGRES_URL / BENCH_TEST_MLFLOW_URL not set: run .ci/services.sh start and source its env file"
-        if os.environ.get("BENCH_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason} (BENCH_REQUIRE_SERVICES=1)", pytrace=False)
-        pytest.skip(reason)
-    return POSTGRES_URL, MLFLOW_URL
 
 
 @pytest.fixture(autouse=True)
