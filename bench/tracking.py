@@ -24,6 +24,7 @@ from .errors import BudgetError, TrackingError
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 MLRUNS = Path("mlruns")
+PARENT_SETTLE_SECONDS = 1.0  # longer than a create-run request takes to land (open_parent)
 
 # Run tags this package writes, so readers (report, tune resume) use the same names.
 TAG_KIND = "bench.kind"  # train | study | trial | confirm | batch_size | report
@@ -238,11 +239,15 @@ def open_parent(experiment: str, study: str, run_name: str, tags: dict[str, Any]
         return running[0].info.run_id, True
     tags = {TAG_KIND: "study", TAG_STUDY: study, **{k: str(v) for k, v in tags.items()}}  # a server takes strings only
     created = client.create_run(exp_id, run_name=run_name, tags=tags)
-    oldest = running_parents()
-    if oldest and oldest[0].info.run_id != created.info.run_id:
-        client.set_terminated(created.info.run_id, "KILLED")  # another worker's parent came first
-        client.delete_run(created.info.run_id)
-        return oldest[0].info.run_id, True
+    # A run's start time is taken by its client before the request goes out: a sibling's create can
+    # land after our search with an earlier time. Search again once such requests have landed.
+    for settle in (0.0, PARENT_SETTLE_SECONDS):
+        time.sleep(settle)
+        oldest = running_parents()
+        if oldest and oldest[0].info.run_id != created.info.run_id:
+            client.set_terminated(created.info.run_id, "KILLED")  # another worker's parent came first
+            client.delete_run(created.info.run_id)
+            return oldest[0].info.run_id, True
     return created.info.run_id, False
 
 

@@ -246,3 +246,21 @@ def test_dashboard_without_the_package_names_the_extra(isolated_mlruns, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna_dashboard" else real(name, *a))
     result = CliRunner().invoke(cli, ["dashboard"])
     assert result.exit_code == 2 and "pip install 'bench[dashboard]'" in result.output
+
+
+def test_a_sibling_parent_landing_late_with_an_earlier_start_time_is_joined(isolated_mlruns, monkeypatch):
+    """A run's start time is the client's: a sibling's create can land after our search yet be older.
+    Every worker must end on the oldest parent (CI saw two workers each keep their own)."""
+    sibling = []
+
+    def sibling_lands_while_we_wait(seconds):
+        if seconds and not sibling:
+            run = mlflow.MlflowClient().create_run(tracking.experiment_id("s"), start_time=1,
+                                                   tags={tracking.TAG_KIND: "study", tracking.TAG_STUDY: "s"})
+            sibling.append(run.info.run_id)
+
+    monkeypatch.setattr(tracking.time, "sleep", sibling_lands_while_we_wait)
+    run_id, joined = tracking.open_parent("s", "s", "s-mine", {})
+    assert joined and run_id == sibling[0]
+    mine = [r for r in mlflow.search_runs(experiment_names=["s"], output_format="list") if r.info.run_name == "s-mine"]
+    assert not mine  # deleted: the UI shows one parent

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import os
 import signal
@@ -19,7 +20,7 @@ from rich.console import Console
 
 from bench import config, tracking
 from bench.errors import ConfigError
-from bench.tune import TuneOptions, open_storage, run_study
+from bench.tune import TuneOptions, open_storage, prepare_study, run_study
 from conftest import fixture_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -113,6 +114,29 @@ def test_a_resumed_study_draws_new_configurations(store, monkeypatch, worker):
     run_study(exp, TuneOptions(trials=4, epochs=1, data_dir=data_dir(), threads=1))
     drawn = [tuple(sorted(t.params.items())) for t in load_study("bn").trials]
     assert len(drawn) == 4 and len(set(drawn)) == 4
+
+
+def drawn_configurations(study: optuna.Study) -> set[tuple]:
+    return {tuple(sorted(t.params.items())) for t in study.trials}
+
+
+def test_a_process_joining_a_study_a_sibling_just_created_draws_its_own_configurations(store):
+    """Workers started by hand at once: the one that did not create the study must not replay the
+    creator's seeded draws (CI saw two of three such workers run one configuration)."""
+    exp = over_budget_experiment()
+    opts = TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1)
+    creator = run_study(exp, dataclasses.replace(opts, study="alone"))  # what the creator draws with this seed
+    prepare_study(exp, dataclasses.replace(opts, study="shared"))  # a sibling created "shared" an instant earlier
+    joiner = run_study(exp, dataclasses.replace(opts, study="shared"))
+    assert len(joiner.trials) == 2 and not drawn_configurations(creator) & drawn_configurations(joiner)
+
+
+def test_only_the_process_that_creates_a_study_queues_its_baseline(store):
+    exp = tiny_experiment()
+    _, created = prepare_study(exp, TuneOptions())
+    study, created_again = prepare_study(exp, TuneOptions())
+    assert created and not created_again
+    assert [t.user_attrs.get("baseline") for t in study.trials] == [True]
 
 
 def test_a_fresh_study_seeded_alike_draws_alike(store):

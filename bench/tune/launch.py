@@ -34,7 +34,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     if opts.storage and opts.storage.startswith("sqlite"):
         raise ConfigError("--jobs needs a storage safe for concurrent writers: the default journal file or postgresql://...; not SQLite")
     uri = tracking.setup(opts.tracking_uri)
-    study = prepare_study(exp, opts)  # created once here, so workers do not race to create it
+    study, _ = prepare_study(exp, opts)  # created once here, so workers do not race to create it
     recovered, requeued = recover(study)  # here once, not in every worker: each failed trial is re-queued once
     done, target = study_target(study, exp, opts)
     parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.jobs": jobs})

@@ -21,13 +21,17 @@ def create_sampler(exp: Experiment, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=exp.tune.startup_trials, multivariate=True)
 
 
-def sampler_seed(seed: int, worker: int, trials_run: int) -> int:
-    """The sampler's seed: ``seed`` itself for a fresh study's first worker, else one derived from
-    (seed, worker, trials already run). TPE draws its startup trials from its seeded RNG, so a second
-    worker, or a resumed study, seeded as before would replay configurations the study already ran."""
-    if not worker and not trials_run:
-        return seed
-    return int(np.random.SeedSequence([seed, worker, trials_run]).generate_state(1)[0])
+def sampler_seed(seed: int, worker: str | None, trials_run: int, created: bool) -> int | None:
+    """The sampler's seed. TPE draws its startup trials from its seeded RNG, so a second worker, or a
+    resumed study, seeded as before would replay configurations the study already ran.
+
+    - the process that created the study: ``seed`` itself (same seed, same draws);
+    - worker ``i`` of ``--jobs K`` (the launcher created the study): derived from (seed, i, trials run);
+    - any other process (a resume, or one of several started by hand, which cannot know whether a
+      sibling started at the same instant): fresh entropy (None)."""
+    if worker is not None:
+        return seed if int(worker) == 0 and not trials_run else int(np.random.SeedSequence([seed, int(worker), trials_run]).generate_state(1)[0])
+    return seed if created else None
 
 
 def create_pruner(name: str, exp: Experiment) -> optuna.pruners.BasePruner:

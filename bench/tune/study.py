@@ -31,7 +31,9 @@ from .objective import registry_name
 from .summary import describe_dimension, print_outcome, summarise_to_parent
 
 
-def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
+def prepare_study(exp: Experiment, opts: TuneOptions) -> tuple[optuna.Study, bool]:
+    """(study, created): the study checked against ``exp``; ``created`` is true for the one process
+    that made it, which alone queues the baseline and keeps ``--seed`` (others may start at once)."""
     if not exp.search:
         raise ConfigError(f"experiment '{exp.name}' declares no [search.*] dimensions; add at least lr and dropout")
     if exp.tune.baseline:
@@ -39,10 +41,8 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets its own line instead
     storage = open_storage(opts.storage)
     try:
-        study = optuna.create_study(
-            storage=storage, study_name=opts.study or exp.name, direction="maximize", load_if_exists=True,
-            sampler=create_sampler(exp, opts.seed), pruner=create_pruner(opts.pruner or exp.tune.pruner, exp),
-        )
+        study, created = create_or_load(storage, opts.study or exp.name, create_sampler(exp, opts.seed),
+                                        create_pruner(opts.pruner or exp.tune.pruner, exp))
         study.set_user_attr("norm", exp.model.norm)
         study.set_user_attr("experiment", exp.name)
         with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
@@ -51,8 +51,17 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> optuna.Study:
         raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({faults.root_cause(err)}); check it is reachable") from None
     check_search_space(study, exp)
     check_fixed_recipe(study, exp, trial_epochs(exp, opts))
-    enqueue_baseline(study, exp)
-    return study
+    if created:
+        enqueue_baseline(study, exp)
+    return study, created
+
+
+def create_or_load(storage, name: str, sampler, pruner) -> tuple[optuna.Study, bool]:
+    """The storage makes creation atomic: of processes starting one study at once, one creates it."""
+    try:
+        return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner), True
+    except optuna.exceptions.DuplicatedStudyError:
+        return optuna.load_study(storage=storage, study_name=name, sampler=sampler, pruner=pruner), False
 
 
 def study_target(study: optuna.Study, exp: Experiment, opts: TuneOptions) -> tuple[int, int]:
@@ -71,7 +80,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     epochs = trial_epochs(exp, opts)
     setup_threads(opts.threads)
     uri = tracking.setup(opts.tracking_uri)
-    study = prepare_study(exp, opts)
+    study, created = prepare_study(exp, opts)
     recovered, requeued = ([], []) if os.environ.get("BENCH_PARENT_RUN_ID") else recover(study)  # `--jobs K`: the launcher did
     done, target = study_target(study, exp, opts)
     console.print(
@@ -85,14 +94,10 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     data = load_data(exp, opts.data_dir, opts.download)
     rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device())
     parent_id = os.environ.get("BENCH_PARENT_RUN_ID")  # set by `--jobs K` for its workers
-    joined = bool(parent_id)
     if not parent_id:
-        parent_id, joined = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
-    worker = int(os.environ.get("BENCH_WORKER_INDEX", 0))  # one of `--jobs K` workers: not its siblings' draws
+        parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
     trials_run = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
-    study.sampler = create_sampler(exp, sampler_seed(opts.seed, worker, trials_run))  # a resume draws anew
-    if joined and not worker:  # another process started this study's run: the same seed would replay its draws
-        study.sampler.reseed_rng()
+    study.sampler = create_sampler(exp, sampler_seed(opts.seed, os.environ.get("BENCH_WORKER_INDEX"), trials_run, created))
     objective = guard(Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target), console)
     status, lost = "FINISHED", False
     start = time.time()
