@@ -14,7 +14,7 @@ from rich.console import Console
 from bench import config, tracking
 from bench.errors import ConfigError
 from bench.models import count_params, count_params_fast, create_model
-from bench.tune import TuneOptions, run_study, suggest
+from bench.tune import TuneOptions, prepare_study, run_study, suggest
 from bench.tune.recovery import requeue_interrupted
 from bench.tune.rungs import rank_correlations
 from bench.tune.space import baseline_params, enqueue_baseline, rungs
@@ -158,3 +158,31 @@ def test_outcome_is_baseline_to_best_with_the_epochs_pruning_saved():
     assert m["baseline_trial"] == 0 and m["best_trial"] == 1
     assert m["gain_val_acc"] == pytest.approx(0.08) and m["gain_test_acc"] == pytest.approx(0.08)
     assert (m["epochs_trained"], m["epochs_unpruned"], m["epochs_saved"]) == (7, 9, 2)
+
+
+def test_a_trial_below_the_baselines_value_at_a_rung_is_pruned(store):
+    """The baseline is never pruned, yet its value counts at each rung: before, the first trial to
+    reach a rung competed with nobody and trained in full however poor it was."""
+    exp = tiny_experiment(train_subset=2000)
+    exp.search["lr"] = config.Dimension("lr", low=1e-5, high=0.4, log=True)
+    opts = TuneOptions(trials=2, epochs=2, data_dir=data_dir(), threads=1)  # one rung, at epoch 1
+    study, _ = prepare_study(exp, opts)
+    study.enqueue_trial({**FILE_DEFAULTS, "lr": 1e-5})  # learns almost nothing in one epoch
+    study = run_study(exp, opts)
+    baseline, poor = study.trials
+    assert baseline.state == TrialState.COMPLETE and "completed_rung_0" in baseline.system_attrs
+    assert poor.intermediate_values[1] < baseline.intermediate_values[1]
+    assert poor.state == TrialState.PRUNED and len(poor.intermediate_values) == 1
+
+
+def test_the_last_trial_running_takes_the_idle_workers_threads(store, monkeypatch):
+    monkeypatch.setenv("BENCH_LONE_THREADS", "2")  # what `--jobs 2` gives each of its single-threaded workers
+    monkeypatch.setattr("bench.tune.study.create_pruner", lambda name, exp: optuna.pruners.NopPruner())
+    console = Console(record=True, width=200)
+    threads_by_epoch = []
+    monkeypatch.setattr("bench.tune.objective.Objective._line",
+                        lambda self, trial, *args: threads_by_epoch.append((trial.number, torch.get_num_threads())))
+    run_study(tiny_experiment(), TuneOptions(trials=2, epochs=2, data_dir=data_dir(), threads=1), console)
+    lines = [line for line in console.export_text().splitlines() if "the last one running" in line]
+    assert lines == ["trial   1  the last one running: 2 threads from epoch 2"]  # trial 0 had trial 1 still to start
+    assert threads_by_epoch == [(0, 1), (1, 2)]

@@ -46,7 +46,8 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
                   + (f"; re-queued failed trial(s) {requeued}" if requeued else "") + ")")
     start = time.time()
     env = worker_environment(opts.storage, uri)
-    codes, interrupted = workers.run_all([cmd] * jobs, [{**env, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i)} for i in range(jobs)])
+    codes, interrupted = workers.run_all([cmd] * jobs, [{**env, "BENCH_PARENT_RUN_ID": parent_id, "BENCH_WORKER_INDEX": str(i),
+                                                   "BENCH_LONE_THREADS": str(threads * jobs)} for i in range(jobs)])
     status = "KILLED" if interrupted else "FINISHED"
     try:
         recovered = fail_dead_local_trials(study)  # trials of workers killed outright (kill -9, OOM)

@@ -8,6 +8,8 @@ import math
 import time
 
 import optuna
+import torch
+from optuna.trial import TrialState
 from rich.console import Console
 
 from .. import tracking
@@ -30,11 +32,21 @@ def surplus(trial: optuna.Trial, target: int) -> bool:
     return sum(counted(t) for t in before) >= target
 
 
+def last_one_running(study: optuna.Study, target: int) -> bool:
+    """Whether this is the study's only running trial and none is left to start."""
+    trials = study.get_trials(deepcopy=False)
+    return sum(t.state == TrialState.RUNNING for t in trials) == 1 and sum(counted(t) for t in trials) >= target
+
+
 class Objective:
+    """``lone_threads``: the threads a ``--jobs`` worker takes once its trial is the last one running
+    (its siblings then sit idle; one bn trial at width 1.75 trains 1.39x faster on 2 threads than on 1)."""
+
     def __init__(self, exp: Experiment, study_name: str, data, rt, console: Console, epochs: int, parent_id: str | None,
-                 target: int | None = None):
+                 target: int | None = None, lone_threads: int | None = None):
         self.exp, self.study_name, self.data, self.rt, self.console = exp, study_name, data, rt, console
         self.epochs, self.parent_id, self.target = epochs, parent_id, target
+        self.threads, self.lone_threads = torch.get_num_threads(), lone_threads
 
     def __call__(self, trial: optuna.Trial) -> float:
         if self.target is not None and surplus(trial, self.target):  # no params sampled, no MLflow run
@@ -42,6 +54,7 @@ class Objective:
             trial.study.stop()
             self.console.print(f"trial {trial.number:>3}  not run: other workers filled the study's {self.target} trials")
             raise SurplusTrial(f"trial {trial.number} is beyond the study's total of {self.target}")
+        torch.set_num_threads(self.threads)  # a previous trial may have taken the idle cores
         exp = as_trial(suggest(trial, self.exp), self.epochs)
         n_params = count_params_fast(**vars(exp.model))
         trial.set_user_attr("n_params", n_params)
@@ -87,8 +100,11 @@ class Objective:
 
         def report(epoch: int, record: dict[str, float]) -> None:
             trial.report(record["val_acc"], epoch)
-            if not baseline and trial.should_prune():  # the baseline always trains in full: its test accuracy is the reference
+            # The baseline always trains in full (its test accuracy is the reference), yet should_prune
+            # records its value at each rung: the other trials then have to beat the defaults to go on.
+            if trial.should_prune() and not baseline:
                 raise optuna.TrialPruned(f"val_acc {record['val_acc']:.4f} at epoch {epoch}")
+            self._take_idle_cores(trial, epoch)
 
         if baseline:
             tracking.set_tags({"bench.baseline": "true"})
@@ -106,6 +122,12 @@ class Objective:
             trial.set_user_attr("registered_version", version)
             tracking.set_tags({"bench.registered_version": version})
         return value
+
+    def _take_idle_cores(self, trial: optuna.Trial, epoch: int) -> None:
+        if (self.lone_threads and self.target and self.rt.device.type == "cpu" and torch.get_num_threads() < self.lone_threads
+                and epoch < self.epochs and last_one_running(trial.study, self.target)):
+            torch.set_num_threads(self.lone_threads)
+            self.console.print(f"trial {trial.number:>3}  the last one running: {self.lone_threads} threads from epoch {epoch + 1}")
 
     def _line(self, trial: optuna.Trial, n_params: int, state: str, start: float) -> None:
         values = trial.user_attrs

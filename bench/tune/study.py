@@ -98,7 +98,8 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
     trials_run = len([t for t in study.get_trials(deepcopy=False) if t.state != TrialState.WAITING])
     study.sampler = create_sampler(exp, sampler_seed(opts.seed, os.environ.get("BENCH_WORKER_INDEX"), trials_run, created))
-    objective = guard(Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target), console)
+    lone_threads = int(os.environ.get("BENCH_LONE_THREADS", 0)) or None  # set by `--jobs K`: all K workers' threads
+    objective = guard(Objective(exp, study.study_name, data, rt, console, epochs, parent_id, target, lone_threads), console)
     status, lost = "FINISHED", False
     start = time.time()
     deadline = start + opts.timeout if opts.timeout else None
