@@ -3,149 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 import sys
 
 import click
 from rich.console import Console
 
 from . import config as config_mod
+from .cli_options import (POSITIVE, SEED, FiniteFloat, Hyperparameter, OneLineErrors, PresetOption, data_options,
+                          experiment_options, friendly_errors, load_experiment, runtime_options)
 from .errors import BenchError
 
 # Logs piped to a file get full-width lines and tables instead of the 80-column default.
 console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-
-
-class PresetOption(click.Option):
-    """``--preset``, whose help lists the registered models. The list is read when help is shown, so
-    that commands start without importing torch."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.note = self.help
-
-    def get_help_record(self, ctx):
-        from .models import preset_help
-
-        self.help = " ".join(filter(None, (preset_help(), self.note)))
-        return super().get_help_record(ctx)
-
-
-class Hyperparameter(click.ParamType):
-    """A flag for a hyperparameter, converted and checked by the rule the experiment file obeys
-    (``config.RULES``), so a bad value fails before anything runs."""
-
-    def __init__(self, field: str):
-        self.field = field
-        self.name = config_mod.hyperparameter_types()[field].__name__
-
-    def convert(self, value, param, ctx):
-        try:
-            return config_mod.parse_value(self.field, value)
-        except BenchError as err:
-            self.fail(str(err).removeprefix(f"{self.field}: "), param, ctx)
-
-
-class FiniteFloat(click.FloatRange):
-    """click.FloatRange that also refuses nan and inf (which pass its comparisons or its open ends)."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{number} is not a finite number", param, ctx)
-        return number
-
-
-SEED = click.IntRange(0, config_mod.SEED_MAX)
-POSITIVE = click.IntRange(1)
-
-
-def experiment_options(f):
-    """Options shared by every command that builds a model or trains: experiment file and overrides."""
-    options = [
-        click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
-        click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
-        click.option("--preset", cls=PresetOption),
-        click.option("--width", type=Hyperparameter("width"), help="Width multiplier on the preset's channels."),
-        click.option("--groups", type=Hyperparameter("groups"), help="GroupNorm groups."),
-        click.option("--dropout", type=Hyperparameter("dropout")),
-        click.option("--lr", type=Hyperparameter("lr"), help="Peak learning rate."),
-        click.option("--epochs", type=Hyperparameter("epochs")),
-        click.option("--batch-size", type=Hyperparameter("batch_size")),
-        click.option("--seed", type=Hyperparameter("seed")),
-        click.option("--set", "assignments", multiple=True, metavar="NAME=VALUE", help="Any other hyperparameter, e.g. --set weight_decay=1e-4 (repeatable)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def data_options(f):
-    f = click.option("--download", is_flag=True, help="Download CIFAR-10 with torchvision if it is not found.")(f)
-    f = click.option("--data-dir", type=click.Path(file_okay=False), help="CIFAR-10 folder (default: $BENCH_DATA_DIR, else ./data).")(f)
-    return f
-
-
-EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
-
-
-def runtime_options(f):
-    """Where to run and where to record: --device, --threads, --tracking-uri."""
-    f = click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")(f)
-    f = click.option("--threads", type=POSITIVE, help="CPU threads (default: the cores this process may use).")(f)
-    f = click.option("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available).")(f)
-    return f
-
-
-def load_experiment(experiment_file, norm, assignments=(), **values) -> config_mod.Experiment:
-    """The experiment file (explicit, or experiments/<norm>.toml), then flags on top."""
-    path = experiment_file or config_mod.find_experiment(EXPERIMENT_FOR_NORM.get(norm, norm or "bn"))
-    exp = config_mod.load(path)
-    flags = {k: v for k, v in values.items() if v is not None}
-    config_mod.override(exp, **{**config_mod.parse_assignments(assignments), **flags, "norm": norm})
-    return exp
-
-
-def friendly_errors(f):
-    """User-facing errors: one line on stderr, exit 2. Ctrl-C/SIGTERM: exit 130, work kept."""
-
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        try:
-            return f(*args, **kwargs)
-        except BenchError as err:
-            from .tracking import mask_url
-
-            click.echo(f"error: {mask_url(str(err))}", err=True)
-            sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished work is kept; run the same command again to resume", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
-class OneLineErrors(click.Group):
-    """click's usage errors (bad flag values, unknown options) as one ``error:`` line, exit 2, like
-    every other user error, instead of a usage banner."""
-
-    def main(self, *args, standalone_mode: bool = True, **kwargs):
-        if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.NoArgsIsHelpError as err:  # bare `bench`: the help, as click prints it
-            click.echo(err.format_message(), err=True)
-            sys.exit(err.exit_code)
-        except click.ClickException as err:
-            hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
-            click.echo(f"error: {err.format_message()}{hint}", err=True)
-            sys.exit(err.exit_code)
-        except click.Abort:
-            click.echo("aborted", err=True)
-            sys.exit(1)
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -166,7 +35,15 @@ def summary(experiment_file, norm, assignments, **values):
     console.print(make_summary(model))
     n, budget = count_params(model), exp.budget.max_params
     verdict = "[green]within[/]" if n <= budget else "[red]OVER[/]"
-    console.print(f"{exp.model.preset} norm={exp.model.norm}: {n:,} parameters, {verdict} the budget of {budget:,}")
+    console.print(f"{exp.model.preset} {model_settings(exp.model)}: {n:,} parameters, {verdict} the budget of {budget:,}")
+
+
+def model_settings(model: config_mod.ModelConfig) -> str:
+    """``norm=gn groups=8 dropout=0.1``: the norm and every model field not at its default (what --set changed)."""
+    defaults = config_mod.ModelConfig()
+    changed = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+               if f.name not in ("preset", "norm") and getattr(model, f.name) != getattr(defaults, f.name)}
+    return " ".join(f"{k}={v}" for k, v in {"norm": model.norm, **changed}.items())
 
 
 @cli.command()
@@ -317,8 +194,7 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, **o
 
 def width_grid(widths: str, data_dir, download, json_path, options) -> None:
     from .data import load_cifar10
-    from .speed import write_json
-    from .speed_grid import GridOptions, render_grid, run_grid
+    from .speed import GridOptions, render_grid, run_grid, write_json
 
     try:
         grid = tuple(config_mod.parse_value("width", w) for w in widths.split(","))

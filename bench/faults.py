@@ -64,13 +64,11 @@ class _RetryNotice(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         retry = record.args[0] if isinstance(record.args, tuple) and record.args else None
         if str(record.msg).startswith("Retrying") and len(getattr(retry, "history", ())) == 1:
-            import mlflow
-
-            from .tracking import mask_url
+            from .tracking import current_uri
 
             retries, factor = int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]), float(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"])
             budget = sum(factor * 2 ** (n - 1) for n in range(2, retries + 1))
-            print(f"warning: tracking server {mask_url(mlflow.get_tracking_uri())} unreachable, retrying "
+            print(f"warning: tracking server {current_uri()} unreachable, retrying "
                   f"(up to {retries} times over ~{budget:.0f} s, MLFLOW_HTTP_REQUEST_MAX_RETRIES)", file=sys.stderr, flush=True)
         return False
 

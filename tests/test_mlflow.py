@@ -21,7 +21,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from bench import config, inference, mlflow_log, servers, tracking
+from bench import config, inference, servers, tracking
+from bench.tracking import mlflow_log
 from bench.cli import cli
 from bench.data import CLASSES, CIFAR10, Split, normalize
 from bench.run import train_tracked
@@ -259,7 +260,7 @@ def test_a_sibling_parent_landing_late_with_an_earlier_start_time_is_joined(isol
                                                    tags={tracking.TAG_KIND: "study", tracking.TAG_STUDY: "s"})
             sibling.append(run.info.run_id)
 
-    monkeypatch.setattr(tracking.time, "sleep", sibling_lands_while_we_wait)
+    monkeypatch.setattr("bench.tracking.runs.time.sleep", sibling_lands_while_we_wait)
     run_id, joined = tracking.open_parent("s", "s", "s-mine", {})
     assert joined and run_id == sibling[0]
     mine = [r for r in mlflow.search_runs(experiment_names=["s"], output_format="list") if r.info.run_name == "s-mine"]

@@ -22,7 +22,9 @@ from bench import config, records, stats, tracking
 from bench.errors import TrackingError
 from bench.cli import cli
 from bench.data import CIFAR10
-from bench.report import build_report, duration, pct
+from bench.console import duration
+from bench.report import build_report
+from bench.report.tables import pct
 from bench.tune import TuneOptions, run_study
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,7 +60,7 @@ def studies(cifar, tmp_path_factory):
             mp.setattr(module, "load_data", lambda *args, **kwargs: tiny)
         for norm in NORMS:
             exp = config.override(config.load(REPO / "experiments" / f"{norm}.toml"), **TINY)
-            run_study(exp, TuneOptions(trials=2, epochs=1, threads=1))
+            run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none"))
         confirmed = invoke("confirm", "--norm", "all", "--seeds", "2", "--epochs", "1", "--threads", "1")
         assert confirmed.exit_code == 0, confirmed.output
         first = invoke("report", "--batch-sizes", "50", "--epochs", "1", "--threads", "1", "--out", "reports/first")
@@ -104,7 +106,7 @@ def test_confirm_runs_hang_under_the_study_and_resume(studies, no_data):
 
 def test_confirm_retrains_a_chosen_trial_instead_of_the_best(studies):
     exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
-    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="pick"))  # its own study: the others' counts stay
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none", study="pick"))  # its own study: the others' counts stay
     record = records.load_study("bn", "pick")
     other = next(r for r in records.trained(record.trials) if r.info.run_id != record.best.info.run_id)
     picked = invoke("confirm", "--norm", "bn", "--study", "pick", "--trial", str(records.trial_number(other)),
@@ -162,7 +164,7 @@ def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies
 
 
 def test_confusion_matrix_counts_every_test_image_of_every_seed(studies, no_data):
-    from bench.report import confusion
+    from bench.report.figures import confusion
 
     record = records.load_study("bn")
     matrix = confusion([tracking.load_predictions(r.info.run_id) for r in record.confirms])
@@ -180,7 +182,7 @@ def one_line_error(result, *words: str) -> None:
 
 def test_confirm_seed_runs_exactly_the_seeds_given_skipping_finished_ones(studies):
     exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
-    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="spread"))  # its own study: the others' counts stay
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none", study="spread"))  # its own study: the others' counts stay
     first = invoke("confirm", "--norm", "bn", "--study", "spread", "--seed", "2", "--epochs", "1", "--threads", "1")
     assert first.exit_code == 0 and "to run [2]" in first.output, first.output
     second = invoke("confirm", "--norm", "bn", "--study", "spread", "--seed", "3", "--seed", "2", "--epochs", "1", "--threads", "1")
@@ -243,7 +245,7 @@ def test_rescore_errors_name_the_run_and_the_fix(studies, monkeypatch):
 
 def test_report_reads_a_chosen_trial_under_one_tta_and_one_epoch_count(studies):
     exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
-    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, study="tta"))
+    run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none", study="tta"))
     record = records.load_study("bn", "tta")
     other = records.trial_number(next(r for r in records.trained(record.trials) if r.info.run_id != record.best.info.run_id))
     confirm = ("confirm", "--norm", "bn", "--study", "tta", "--trial", str(other), "--threads", "1")
@@ -323,7 +325,8 @@ def test_t_intervals_and_welch_match_tables():
 def test_a_single_run_is_tested_against_the_other_norms_seeds():
     from types import SimpleNamespace
 
-    from bench.report import compare, comparison_line
+    from bench.report.numbers import compare
+    from bench.report.tables import comparison_line
 
     w = stats.single_run_test([0.85, 0.84], [0.77])  # df 1: Student's t is Cauchy, p = 1 - 2/pi * atan(|t|)
     se = 0.01 / math.sqrt(2) * math.sqrt(1.5)

@@ -14,6 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from bench import tracking
+from bench.tracking import mlflow_log
 from bench.tune import recovery
 
 
@@ -82,7 +83,7 @@ def test_mlflow_deprecations_show_once_and_other_mlflow_warnings_stay_quiet():
 
 
 def test_mlflow_logged_deprecations_reach_the_user_and_its_chatter_only_the_log(isolated_mlruns, capsys):
-    log = tracking.mlflow_log.route(isolated_mlruns / "bench.log")  # what tracking.setup does
+    log = mlflow_log.route(isolated_mlruns / "bench.log")  # what tracking.setup does
     child = logging.getLogger("mlflow.models.model")
     child.warning("`artifact_path` is deprecated. Please use `name` instead.")
     child.warning("Creating initial MLflow database tables...")

@@ -14,13 +14,14 @@ import statistics
 
 import torch
 
-from .config import TrainConfig
-from .data import CIFAR10
-from .errors import ConfigError
-from .models import count_params, create_model
-from .speed import epoch_runner, interleaved, warm_up
-from .runtime import default_device, resolve_runtime, setup_threads
-from .train import create_optimizer
+from ..config import TrainConfig
+from ..data import CIFAR10
+from ..errors import ConfigError
+from ..models import count_params, create_model
+from ..runtime import default_device, resolve_runtime, setup_threads
+from ..train import create_optimizer
+from .harness import epoch_runner
+from .measure import interleaved, warm_up
 
 
 @dataclasses.dataclass
