@@ -58,9 +58,11 @@ def test_summary_with_width_reports_over_budget():
     assert f"{n:,} parameters, OVER the budget of 50,000" in result.output
 
 
-def test_summary_budget_from_set():
-    result = invoke("summary", "--norm", "gn", "--set", "groups=2", "--set", "dropout=0.1")
-    assert result.exit_code == 0 and "GroupNorm" in result.output and "within" in result.output
+def test_summary_builds_the_model_the_set_assignments_describe():
+    result = invoke("summary", "--norm", "gn", "--set", "groups=8", "--set", "dropout=0.1", "--set", "width=1.5")
+    assert result.exit_code == 0, result.output
+    assert "seed_bn norm=gn dropout=0.1 width=1.5 groups=8: 37,464 parameters, within the budget of 50,000" in result.output
+    assert_user_error(invoke("summary", "--norm", "gn", "--set", "groups=3"), "groups")  # 3 divides no width: --set reached the model
 
 
 def test_summary_bad_groups_is_a_user_error():

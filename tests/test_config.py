@@ -38,16 +38,19 @@ def test_one_experiment_file_per_norm():
     assert load(EXPERIMENTS / "seed_gn.toml").model.preset == "seed_gn"
 
 
-def test_bn_experiment_values():
-    exp = load(EXPERIMENTS / "bn.toml")
-    assert (exp.model.preset, exp.model.norm, exp.model.dropout) == ("seed_bn", "bn", 0.05)
-    assert exp.train.optimizer == "sgd" and exp.train.nesterov is True and exp.train.schedule == "onecycle"
-    assert exp.train.weight_decay == 5e-4 and isinstance(exp.train.weight_decay, float)
-    assert exp.train.epochs == 15 and isinstance(exp.train.epochs, int)
-    lr = exp.search["lr"]
-    assert (lr.low, lr.high, lr.log) == (0.02, 0.4, True)
-    assert exp.search["width"].choices == [1.0, 1.25, 1.5, 1.75]
-    assert load(EXPERIMENTS / "gn.toml").search["groups"].choices == [2, 4, 8]
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_experiment_can_run_as_declared(path):
+    """Its defaults fit the budget and lie inside its search space (so trial 0 can be the baseline),
+    and every width on its grid is a model that builds within the budget at the default groups."""
+    from bench.models import count_params_fast
+    from bench.tune.space import baseline_params
+
+    exp = load(path)
+    assert count_params_fast(**vars(exp.model)) <= exp.budget.max_params
+    if exp.search and exp.tune.baseline:
+        assert set(baseline_params(exp)) == set(exp.search)
+    for width in (exp.search["width"].choices or []) if "width" in exp.search else []:
+        assert count_params_fast(**{**vars(exp.model), "width": width}) <= exp.budget.max_params, (path.stem, width)
 
 
 def test_missing_sections_take_defaults(tmp_path):
