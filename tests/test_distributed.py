@@ -280,6 +280,8 @@ def test_jobs_2_on_the_journal_storage_runs_the_total_under_one_parent(tmp_path)
     parent, trial_runs = check_one_study(study, runs, 2)
     assert len(trial_runs) == 2 and len({t.user_attrs["worker"] for t in study.trials}) == 2
     assert {"space.lr", "space.dropout", "trials_target"} <= set(parent.data.params)  # what the report's table reads
+    where = [line for line in launcher.output.splitlines() if line.startswith("MLflow: experiment")]
+    assert where == [f"MLflow: experiment 'bn', parent run {parent.info.run_id} at sqlite:///mlruns/mlflow.db; browse with `bench ui`"]  # once, not per worker
 
 
 def test_sigkilled_worker_on_the_journal_storage_is_recovered_by_the_next_run(tmp_path):

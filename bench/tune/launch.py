@@ -14,7 +14,7 @@ from ..errors import ConfigError, TrackingError
 from .recovery import end_runs_of_failed_trials, finished_count, fail_dead_local_trials, recover
 from .options import TuneOptions, worker_environment
 from .storage import storage_label
-from .study import prepare_study, study_target, open_study_parent, finish_parent
+from .study import finish_parent, open_study_parent, prepare_study, print_where, study_target
 from .objective import registry_name
 from .space import trial_epochs
 from .summary import print_outcome
@@ -66,6 +66,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     if status == "KILLED":
         raise KeyboardInterrupt
     print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
+    print_where(study, parent_id, uri, console)
     if status == "FAILED":
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); {done} of {target} trials finished"
                             + (f", dead workers' trial(s) {recovered} re-queued" if recovered else "") + "; re-run the same command to resume")

@@ -129,8 +129,12 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
             finish_parent(study, parent_id, status, time.time() - start, console, epochs)
     if not os.environ.get("BENCH_PARENT_RUN_ID"):  # a --jobs worker leaves the summary to its launcher
         print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
-    console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
+        print_where(study, parent_id, uri, console)
     return study
+
+
+def print_where(study: optuna.Study, parent_id: str, uri: str, console: Console) -> None:
+    console.print(f"MLflow: experiment '{study.study_name}', parent run {parent_id} at {tracking.mask_url(uri)}; browse with `bench ui`")
 
 
 def open_study_parent(study: optuna.Study, exp: Experiment, opts: TuneOptions, target: int, tags: dict[str, Any]) -> tuple[str, bool]:
