@@ -142,12 +142,12 @@ def trials_table(summaries: list[NormSummary], top_k: int = 5) -> list[str]:
 def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figures: dict[str, str], sources: list[str],
              run_id: str, uri: str) -> str:
     names = ", ".join(s.name for s in summaries)
-    seeds = "; ".join(f"{s.name} {s.test.n}" for s in summaries)
+    seeds = "; ".join(f"{s.name} {s.test.n or 'none yet'}" for s in summaries)
     parts = [
         f"# Normalisation benchmark: {names}", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from MLflow at `{tracking.mask_url(uri)}` (report run `{run_id}`). "
         "Every number below is read from MLflow: study and trial runs from `bench tune`, "
-        f"confirm runs (best configuration re-trained with seeds 0..n−1: {seeds}) from `bench confirm`.", "",
+        f"confirm runs (best configuration re-trained with seeds 0..n−1, runs per norm: {seeds}) from `bench confirm`.", "",
         "## Results per norm", "",
         "Best val acc: the study's best complete trial (the tuning objective, tuning epochs). Test acc: the confirm seeds "
         "(mean ± sample std; 95% t-interval of the mean). Trial counts are the study's trial runs by final state. "
