@@ -12,7 +12,7 @@ import torch
 from ..config import TrainConfig
 from ..data import CIFAR10
 from ..runtime import default_device, resolve_runtime, setup_threads
-from ..train import create_scheduler
+from ..train import create_scheduler, evaluate, fit
 from .harness import bench_model
 from .seed import seed_epoch, seed_loader, seed_model, seed_sgd, seed_test_accuracy
 
@@ -33,8 +33,6 @@ def baseline_curve(data: CIFAR10, cfg: TrainConfig, preset: str, norm: str, work
 
 def bench_curve(data: CIFAR10, cfg: TrainConfig, preset: str, norm: str, device: torch.device) -> list[dict]:
     """The harness's ``fit`` with its defaults; test accuracy after every epoch (timed, like the baseline)."""
-    from ..train import evaluate, fit
-
     rt = resolve_runtime(cfg, norm, device)
     model = bench_model(preset, norm, cfg.seed)
     curve, start = [], time.perf_counter()
