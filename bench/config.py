@@ -88,6 +88,7 @@ class TrainConfig:
     ema: float = 0.0  # decay of an exponential moving average of the weights, used for evaluation; 0 = off
     tta_flip: bool = False  # evaluate on the mean logits of each image and its horizontal flip
     tta_shift: int = 0  # also average over copies shifted diagonally by -N and +N pixels (airbench's translate TTA); 0 = off
+    tta_every_epoch: bool = True  # false: the shift joins only the last epoch's validation and the test (3x cheaper epochs)
 
 
 def tta_name(flip: bool, shift: int) -> str:

@@ -176,6 +176,12 @@ def test_logits_by_recipe(model: nn.Module, ema: AveragedModel | None, split: Sp
             for name, m in models.items() for flip, shift in recipes}
 
 
+def validation_shift(cfg: TrainConfig, epoch: int) -> int:
+    """The shift TTA of epoch ``epoch``'s validation. With ``tta_every_epoch`` off, earlier epochs (all
+    a pruner sees) validate with the flip alone, and the last one with the recipe the test uses."""
+    return cfg.tta_shift if cfg.tta_every_epoch or epoch == cfg.epochs else 0
+
+
 EpochCallback = Callable[[int, dict[str, float]], Any]
 
 
@@ -210,7 +216,7 @@ def fit(
         train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
+        val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, validation_shift(cfg, epoch))
         record = {
             "train_loss": train_loss,
             "train_acc": train_acc,

@@ -409,3 +409,22 @@ def test_fit_scores_the_test_set_with_the_shift_and_ablates_it(small_cifar):
     assert result.test_acc == result.recipe_ablation["test_acc_raw_tta_shift1"]
     assert result.test_loss == pytest.approx(evaluate(model, data.test, rt, tta_flip=True, tta_shift=1)[0])
     assert result.history[0]["val_acc"] == pytest.approx(evaluate(model, data.val, rt, tta_flip=True, tta_shift=1)[1])
+
+
+@pytest.mark.parametrize("every_epoch", [True, False])
+def test_tta_every_epoch_off_validates_with_the_shift_only_at_the_last_epoch(small_cifar, every_epoch):
+    data = tiny(small_cifar, n_train=256, n_val=100, n_test=100)
+    config = cfg(epochs=3, batch_size=64, tta_flip=True, tta_shift=1, tta_every_epoch=every_epoch, precision="fp32")
+    rt = resolve_runtime(config, "bn")
+    model = new_model()
+    recipes = []
+
+    def which_recipe(epoch, record):
+        flip = evaluate(model, data.val, rt, tta_flip=True)[0]
+        shifted = evaluate(model, data.val, rt, tta_flip=True, tta_shift=1)[0]
+        assert flip != shifted  # an untrained model gives them within 1e-6 of each other: compared exactly
+        recipes.append("shift" if record["val_loss"] == shifted else "flip" if record["val_loss"] == flip else "?")
+
+    result = fit(model, data, config, rt, on_epoch=which_recipe)
+    assert recipes == (["shift"] * 3 if every_epoch else ["flip", "flip", "shift"])
+    assert result.test_acc == result.recipe_ablation["test_acc_raw_tta_shift1"]  # the test always takes the full recipe
