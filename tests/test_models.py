@@ -166,10 +166,10 @@ def test_a_registered_family_is_built_counted_checked_and_listed(monkeypatch):
     with pytest.raises(BudgetError, match="over the budget of 100"):
         build_checked(100, preset="tiny", width1=8)
     help_text = " ".join(CliRunner().invoke(cli, ["summary", "--help"]).output.split())
-    assert "resnet_wide (width1=24, width3=32), tiny (one conv)." in help_text
+    assert "resnet_wide (width1=24, width3=32), convnext (ConvNeXt blocks, shape from width1..3, blocks1..3), tiny (one conv)." in help_text
     with pytest.raises(ValueError, match="'tiny' is registered twice"):
         register_model(tiny)
-    with pytest.raises(BudgetError, match="choose one of seed_bn, seed_gn, resnet, resnet_deep, resnet_wide, tiny"):
+    with pytest.raises(BudgetError, match="choose one of seed_bn, seed_gn, resnet, resnet_deep, resnet_wide, convnext, tiny"):
         create_model("huge")
 
 
