@@ -167,15 +167,16 @@ def dashboard(host, port, storage):
 @click.option("--to-accuracy", type=FiniteFloat(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @click.option("--widths", help="Instead: the training step at these width multipliers (e.g. 1,1.5,1.75), against the first.")
+@click.option("--experiments", help="Instead: the training step of these experiments' models (e.g. resnet_bn,convnext_bn), against the first.")
 @data_options
 @friendly_errors
-def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, **options):
+def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, experiments, **options):
     """Training and evaluation images/s of the harness against the seed notebooks' pipeline, interleaved."""
     from .data import load_cifar10
     from .speed import SpeedOptions, render, render_time_to_accuracy, run_speed, time_to_accuracy, write_json
 
-    if widths:
-        return width_grid(widths, data_dir, download, json_path, options)
+    if widths or experiments:
+        return width_grid(widths, experiments, data_dir, download, json_path, options)
     ablate = options.pop("ablate") or bool(knobs)
     opts = SpeedOptions(**options, knobs=tuple(knobs), ablate=ablate)
     data = load_cifar10(data_dir, download=download)
@@ -192,15 +193,18 @@ def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, **o
         console.print(f"wrote {json_path}")
 
 
-def width_grid(widths: str, data_dir, download, json_path, options) -> None:
+def width_grid(widths: str | None, experiments: str | None, data_dir, download, json_path, options) -> None:
     from .data import load_cifar10
     from .speed import GridOptions, render_grid, run_grid, write_json
 
+    if widths and experiments:
+        raise config_mod.ConfigError("--widths and --experiments each choose what to measure: give one of them")
     try:
-        grid = tuple(config_mod.parse_value("width", w) for w in widths.split(","))
+        grid = tuple(config_mod.parse_value("width", w) for w in widths.split(",")) if widths else ()
     except BenchError as err:
         raise config_mod.ConfigError(f"--widths {widths!r}: {err}; expected comma-separated multipliers, e.g. 1,1.5,1.75") from None
-    opts = GridOptions(widths=grid, norm=options["norm"], preset=options["preset"] or "seed_bn", steps=options["steps"],
+    names = tuple(n.strip() for n in experiments.split(",") if n.strip()) if experiments else ()
+    opts = GridOptions(widths=grid, experiments=names, norm=options["norm"], preset=options["preset"] or "seed_bn", steps=options["steps"],
                        repeats=options["repeats"], batch_size=options["batch_size"], threads=options["threads"], seed=options["seed"])
     data = load_cifar10(data_dir, download=download)
     with console.status("measuring") as status:

@@ -18,7 +18,7 @@ from bench.config import TrainConfig
 from bench.data import CIFAR10
 from bench.errors import ConfigError
 from bench.models import Dropout, count_params, count_params_fast
-from bench.speed import (GridOptions, SpeedOptions, bench_model, render, render_time_to_accuracy, run_grid, run_speed,
+from bench.speed import (GridOptions, render_grid, SpeedOptions, bench_model, render, render_time_to_accuracy, run_grid, run_speed,
                          seed_model, time_to_accuracy, write_json)
 from bench.speed import ablation, benchmark, grid, measure, to_accuracy
 from bench.speed.ablation import StepSetup
@@ -268,6 +268,25 @@ def test_width_rows_carry_their_model_and_the_ratio_against_the_first_width(monk
         assert row["params"] == count_params_fast(preset="seed_bn", norm="bn", width=row["width"], groups=4)
         assert row["channels"] == CHANNELS[row["width"]]
     assert [(row["images_per_s"], row["ratio"]) for row in report["rows"]] == [(200.0, 1.0), (300.0, 1.5)]
+
+
+def test_experiment_rows_measure_each_model_at_its_own_shape_and_norm(monkeypatch, small_cifar):
+    script(monkeypatch, grid, {"resnet_bn": [400.0, 400.0, 400.0], "convnext_ln": [100.0, 120.0, 80.0]})
+    report = run_grid(GridOptions(experiments=("resnet_bn", "convnext_ln"), steps=1, repeats=3, batch_size=16, threads=1), small_cifar)
+    resnet, convnext = report["rows"]
+    assert (resnet["label"], resnet["params"], convnext["label"], convnext["params"]) == ("resnet_bn", 47_514, "convnext_ln", 46_410)
+    assert "width" not in resnet and resnet["channels"] != convnext["channels"]
+    assert [(row["images_per_s"], row["ratio"]) for row in report["rows"]] == [(400.0, 1.0), (100.0, 0.25)]
+    text = text_of(render_grid, report)
+    assert "training step by model" in text and "vs resnet_bn" in text and "0.25x" in text
+
+
+def test_cli_experiments_refuses_an_unknown_one_and_widths_beside_it(cifar_dir):
+    base = ["speed", "--steps", "1", "--repeats", "1", "--batch-size", "16", "--data-dir", str(cifar_dir)]
+    unknown = CliRunner().invoke(cli, [*base, "--experiments", "resnet_bn,nosuch"])
+    assert unknown.exit_code != 0 and "no experiment file nosuch.toml" in unknown.output and "Traceback" not in unknown.output
+    both = CliRunner().invoke(cli, [*base, "--experiments", "resnet_bn", "--widths", "1"])
+    assert both.exit_code != 0 and "give one of them" in both.output
 
 
 @pytest.mark.parametrize("change, message", [

@@ -1,10 +1,11 @@
-"""``bench speed --widths``: training images/s of one preset at several width multipliers.
+"""``bench speed --widths`` / ``--experiments``: training images/s of one preset at several width
+multipliers, or of several experiments' models (each at its own shape and norm).
 
 Channel counts decide CPU speed more than parameter counts (oneDNN picks blocked kernels for some
 channel counts and not others), so a search over a continuous width lands most trials on slow
 shapes. This measures the harness's own training step (``train_one_epoch``, its defaults) at each
 width, interleaved (A B C A B C ...) so that a shared machine's drift hits all alike, and reports
-each width's images/s against the first width measured in the same run.
+each variant's images/s against the first one measured in the same run.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import statistics
 
 import torch
 
-from ..config import TrainConfig
+from ..config import TrainConfig, find_experiment, load
 from ..data import CIFAR10
 from ..errors import ConfigError
 from ..models import count_params, create_model
@@ -26,7 +27,8 @@ from .measure import interleaved, warm_up
 
 @dataclasses.dataclass
 class GridOptions:
-    widths: tuple[float, ...]
+    widths: tuple[float, ...] = ()
+    experiments: tuple[str, ...] = ()  # names or TOML paths: their models instead of the widths
     norm: str = "bn"
     preset: str = "seed_bn"
     groups: int = 4
@@ -42,42 +44,56 @@ def channels(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) -> dict:
+def variants(opts: GridOptions) -> dict[str | float, dict]:
+    """What to measure: the experiment's label or the width -> ``create_model`` keywords (preset and norm included)."""
+    if opts.experiments:
+        experiments = [load(name if name.endswith(".toml") else find_experiment(name)) for name in opts.experiments]
+        return {exp.name: dataclasses.asdict(exp.model) for exp in experiments}
     if not opts.widths or any(not w > 0 for w in opts.widths):
         raise ConfigError("--widths needs positive width multipliers, e.g. --widths 1,1.5,1.75")
+    return {w: {"preset": opts.preset, "norm": opts.norm, "width": w, "groups": opts.groups} for w in opts.widths}
+
+
+def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) -> dict:
     if opts.steps * opts.batch_size > len(data.train):
         raise ConfigError(f"--steps x --batch-size must be <= {len(data.train)} training images")
+    models = variants(opts)
     threads = setup_threads(opts.threads)
     device = default_device()
     cfg = dataclasses.replace(TrainConfig(), batch_size=opts.batch_size, seed=opts.seed)
-    rt = resolve_runtime(cfg, opts.norm, device)
     runners, shapes = {}, {}
-    for width in opts.widths:
+    for label, kwargs in models.items():
+        rt = resolve_runtime(cfg, kwargs["norm"], device)  # each norm in the memory layout it trains in
         torch.manual_seed(opts.seed)
-        model = create_model(opts.preset, opts.norm, width=width, groups=opts.groups).to(device, memory_format=rt.memory_format)
-        runners[width] = epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train)
-        shapes[width] = {"params": count_params(model), "channels": channels(model)}
+        model = create_model(**kwargs).to(device, memory_format=rt.memory_format)
+        runners[label] = epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train)
+        shapes[label] = {"params": count_params(model), "channels": channels(model), "runtime": rt.describe()}
     images = opts.steps * opts.batch_size
     progress("warm-up")
     warm_up(runners, 3 * opts.batch_size)
-    progress(f"{opts.repeats} x {opts.steps} steps per width")
+    progress(f"{opts.repeats} x {opts.steps} steps per model")
     rates = interleaved(runners, images, opts.repeats)
-    reference = statistics.median(rates[opts.widths[0]])
-    rows = [{"width": w, **shapes[w], "images_per_s": statistics.median(r), "min": min(r), "max": max(r), "repeats": r,
-             "ratio": statistics.median(r) / reference} for w, r in rates.items()]
-    return {"options": dataclasses.asdict(opts) | {"threads": threads}, "runtime": rt.describe(),
+    reference = statistics.median(next(iter(rates.values())))
+    rows = [{"label": label if opts.experiments else f"{label:g}", **({} if opts.experiments else {"width": label}), **shapes[label],
+             "images_per_s": statistics.median(r), "min": min(r), "max": max(r), "repeats": r,
+             "ratio": statistics.median(r) / reference} for label, r in rates.items()]
+    return {"options": dataclasses.asdict(opts) | {"threads": threads}, "runtime": rows[0]["runtime"],
             "torch": torch.__version__, "rows": rows}
 
 
 def render_grid(report: dict, console) -> None:
     from rich.table import Table
 
-    opts = report["options"]
-    table = Table(title=f"{opts['preset']} {opts['norm']}: training step by width ({report['runtime']}, {opts['threads']} thread(s), "
-                        f"median of {opts['repeats']} interleaved repeats)", title_justify="left")
-    for col in ("width", "conv channels", "params", "images/s", "spread", f"vs width {opts['widths'][0]:g}"):
-        table.add_column(col, justify="left" if col == "conv channels" else "right")
-    for row in report["rows"]:
-        table.add_row(f"{row['width']:g}", "/".join(map(str, row["channels"])), f"{row['params']:,}", f"{row['images_per_s']:,.0f}",
+    opts, rows = report["options"], report["rows"]
+    what = "model" if opts["experiments"] else "width"
+    title = ("training step by model" if opts["experiments"] else f"{opts['preset']} {opts['norm']}: training step by width")
+    table = Table(title=f"{title} ({opts['threads']} thread(s), batch {opts['batch_size']}, median of {opts['repeats']} interleaved repeats)",
+                  title_justify="left")
+    for col in (what, "conv channels", "params", "runtime", "images/s", "spread", f"vs {'' if opts['experiments'] else 'width '}{rows[0]['label']}"):
+        table.add_column(col, justify="left" if col in (what, "conv channels", "runtime") else "right")
+    for row in rows:
+        convs = row["channels"]
+        shown = "/".join(map(str, convs)) if len(convs) <= 12 else f"{len(convs)} convs, {min(convs)}-{max(convs)}"
+        table.add_row(row["label"], shown, f"{row['params']:,}", row["runtime"], f"{row['images_per_s']:,.0f}",
                       f"{row['min']:,.0f}-{row['max']:,.0f}", f"{row['ratio']:.2f}x")
     console.print(table)
