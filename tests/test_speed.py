@@ -238,6 +238,14 @@ def test_time_to_accuracy_is_the_first_epoch_reaching_the_target(scripted_curves
     assert (result["bench"]["final_test_acc"], result["bench"]["total_seconds"]) == (0.9, 60.0)
 
 
+def test_time_to_accuracy_trains_both_pipelines_with_the_seeds_crop(monkeypatch, small_cifar):
+    paddings = {}
+    monkeypatch.setattr(to_accuracy, "baseline_curve", lambda data, cfg, *rest: paddings.setdefault("baseline", cfg.crop_padding) and curve([0.5], 1.0))
+    monkeypatch.setattr(to_accuracy, "bench_curve", lambda data, cfg, *rest: paddings.setdefault("bench", cfg.crop_padding) and curve([0.5], 1.0))
+    result = time_to_accuracy(small_cifar, TrainConfig(epochs=1, crop_padding=2), target=0.5)
+    assert paddings == {"baseline": 4, "bench": 4} and result["recipe"]["crop_padding"] == 4
+
+
 def test_time_to_accuracy_renders_how_much_sooner_or_not_reached(scripted_curves, small_cifar):
     reached = text_of(render_time_to_accuracy, time_to_accuracy(small_cifar, TrainConfig(epochs=3), target=0.5))
     assert "bench reaches 50% 6.00x sooner" in reached

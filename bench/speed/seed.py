@@ -35,10 +35,13 @@ class SeedStyleCIFAR10(torch.utils.data.Dataset):
         return self.transform(Image.fromarray(self.images[i])), self.labels[i]
 
 
+SEED_CROP_PADDING = 4  # the seed notebooks' RandomCrop(32, padding=4)
+
+
 def seed_transform(train: bool):
     from torchvision import transforms as T
 
-    augment = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if train else []
+    augment = [T.RandomCrop(32, padding=SEED_CROP_PADDING), T.RandomHorizontalFlip()] if train else []
     return T.Compose([*augment, T.ToTensor(), T.Normalize(MEAN, STD)])
 
 

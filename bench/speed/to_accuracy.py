@@ -14,7 +14,7 @@ from ..data import CIFAR10
 from ..runtime import default_device, resolve_runtime, setup_threads
 from ..train import create_scheduler, evaluate, fit
 from .harness import bench_model
-from .seed import seed_epoch, seed_loader, seed_model, seed_sgd, seed_test_accuracy
+from .seed import SEED_CROP_PADDING, seed_epoch, seed_loader, seed_model, seed_sgd, seed_test_accuracy
 
 
 def baseline_curve(data: CIFAR10, cfg: TrainConfig, preset: str, norm: str, workers: int, device: torch.device) -> list[dict]:
@@ -52,7 +52,9 @@ def first_reaching(curve: list[dict], target: float) -> dict | None:
 def time_to_accuracy(data: CIFAR10, cfg: TrainConfig, target: float = 0.70, preset: str = "seed_bn", norm: str = "bn",
                      workers: int = 2, progress: Callable[[str], None] = lambda message: None) -> dict:
     """Wall clock until test accuracy first reaches ``target``, seed pipeline vs harness, same recipe and epochs.
-    The clock includes each epoch's test pass, for both."""
+    The clock includes each epoch's test pass, for both. Both crop as the seeds do, whatever the
+    experiment's ``crop_padding``, so that only the pipeline differs."""
+    cfg = dataclasses.replace(cfg, crop_padding=SEED_CROP_PADDING)
     device = default_device()
     setup_threads(None)
     progress(f"baseline, {cfg.epochs} epochs")
