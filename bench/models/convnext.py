@@ -15,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import ModelConfig
-from ..errors import BudgetError
-from .layers import NUM_CLASSES, Dropout, make_norm, scale_width
+from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 
 # ConvNeXt's own 7x7: a 5x5 kernel was not measurably faster on CPU (docs/convnext.md) and saves only
@@ -79,10 +78,5 @@ class ConvNeXt(nn.Module):
 @register_model(help="ConvNeXt blocks, shape from width1..3, blocks1..3")
 def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
-    if cfg.norm == "lnchw":
-        raise BudgetError("norm 'lnchw' (per-position LayerNorm) exists only for the seed presets; use ln for convnext")
-    multiple = cfg.groups if cfg.norm == "gn" else 1
-    widths = tuple(scale_width(w, cfg.width, multiple) for w in (cfg.width1, cfg.width2, cfg.width3))
-    stem = scale_width(cfg.stem, cfg.width, multiple) if cfg.stem else widths[0]
-    blocks = tuple(n or cfg.blocks for n in (cfg.blocks1, cfg.blocks2, cfg.blocks3))
+    stem, widths, blocks = staged_shape(cfg, "convnext")
     return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout)

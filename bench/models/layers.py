@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..config import NORMS
+from ..config import NORMS, ModelConfig
 from ..errors import BudgetError
 
 NUM_CLASSES = 10
@@ -66,3 +66,14 @@ def scale_width(channels: int, width: float, multiple: int = 1) -> int:
     if width == 1.0:
         return channels
     return max(multiple, multiple * round(channels * width / multiple))
+
+
+def staged_shape(cfg: ModelConfig, family: str) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """(stem, stage widths, blocks per stage) of a three-stage family from the flat config fields:
+    ``width`` scales the stem and every stage (to multiples of GroupNorm's group count)."""
+    if cfg.norm == "lnchw":
+        raise BudgetError(f"norm 'lnchw' (per-position LayerNorm) exists only for the seed presets; use ln for {family}")
+    multiple = cfg.groups if cfg.norm == "gn" else 1
+    widths = tuple(scale_width(w, cfg.width, multiple) for w in (cfg.width1, cfg.width2, cfg.width3))
+    stem = scale_width(cfg.stem, cfg.width, multiple) if cfg.stem else widths[0]
+    return stem, widths, tuple(n or cfg.blocks for n in (cfg.blocks1, cfg.blocks2, cfg.blocks3))

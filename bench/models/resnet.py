@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from ..config import DROPOUT_AT, RESNET_SHAPE, RESNET_SHAPES, ModelConfig
 from ..errors import BudgetError
-from .layers import NUM_CLASSES, Dropout, make_norm, scale_width
+from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 
 
@@ -69,14 +69,9 @@ class ResNet(nn.Module):
 @register_model(help="shape from width1..3, blocks1..3")
 def resnet(cfg: ModelConfig) -> ResNet:
     """The residual model from the flat config fields; ``width`` scales the stem and every stage."""
-    if cfg.norm == "lnchw":
-        raise BudgetError("norm 'lnchw' (per-position LayerNorm) exists only for the seed presets; use ln for residual models")
+    stem, widths, blocks = staged_shape(cfg, "residual models")
     if cfg.dropout_at not in DROPOUT_AT:
         raise BudgetError(f"dropout_at {cfg.dropout_at!r} is not one of {', '.join(DROPOUT_AT)}")
-    multiple = cfg.groups if cfg.norm == "gn" else 1
-    widths = tuple(scale_width(w, cfg.width, multiple) for w in (cfg.width1, cfg.width2, cfg.width3))
-    stem = scale_width(cfg.stem, cfg.width, multiple) if cfg.stem else widths[0]
-    blocks = tuple(n or cfg.blocks for n in (cfg.blocks1, cfg.blocks2, cfg.blocks3))
     return ResNet(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at)
 
 
