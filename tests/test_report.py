@@ -248,7 +248,8 @@ def test_report_reads_a_chosen_trial_under_one_tta_and_one_epoch_count(studies):
     run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none", study="tta"))
     record = records.load_study("bn", "tta")
     other = records.trial_number(next(r for r in records.trained(record.trials) if r.info.run_id != record.best.info.run_id))
-    confirm = ("confirm", "--norm", "bn", "--study", "tta", "--trial", str(other), "--threads", "1")
+    # without shift TTA in the run itself, the flip_shift1 score must come from what rescore logged
+    confirm = ("confirm", "--norm", "bn", "--study", "tta", "--trial", str(other), "--threads", "1", "--set", "tta_shift=0")
     assert invoke(*confirm, "--seeds", "2", "--epochs", "1").exit_code == 0
     assert invoke(*confirm, "--seeds", "1", "--epochs", "2").exit_code == 0
     one_epoch = [r for r in runs("tta", "confirm") if r.data.params["epochs"] == "1"]
@@ -265,10 +266,10 @@ def test_report_reads_a_chosen_trial_under_one_tta_and_one_epoch_count(studies):
     one_line_error(invoke("report", "--norms", "bn=tta@x"), "after @ give a trial number")
     one_line_error(invoke("report", "--norms", "bn=tta@99"), "no trained trial 99")
 
-    # the experiment files evaluate with flip TTA: a recipe without it is the newest 2-seed one
+    # the experiment files evaluate with flip + shift TTA: a recipe without it is the newest 2-seed one
     assert invoke(*confirm, "--seeds", "2", "--epochs", "1", "--set", "tta_flip=false").exit_code == 0
     text = (build_report(f"bn=tta@{other},gn", studies / "reports" / "tta3") / "report.md").read_text()
-    assert "**Warning:** the norms' confirm runs were scored with different test-time augmentation (tta: `none`; gn: `flip`)" in text
+    assert "**Warning:** the norms' confirm runs were scored with different test-time augmentation (tta: `none`; gn: `flip_shift1`)" in text
 
 
 def test_test_accuracy_under_a_tta_comes_from_rescore_the_fit_ablation_or_the_run_itself():

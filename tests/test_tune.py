@@ -181,12 +181,14 @@ def test_resuming_with_a_changed_search_space_is_refused_before_any_trial(store,
 def test_resuming_with_changed_fixed_settings_is_refused_before_any_trial(store):
     exp = over_budget_experiment()  # trials are rejected, not trained
     run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
-    assert load_study("bn").user_attrs["fixed_recipe"]["tta_shift"] == "0"
+    recorded = exp.train.tta_shift
+    assert load_study("bn").user_attrs["fixed_recipe"]["tta_shift"] == str(recorded)
     faster = config.override(copy.deepcopy(exp), eval_batch_size=123)  # speed only: resumes
     run_study(faster, TuneOptions(trials=2, epochs=1, data_dir=data_dir(), threads=1))
 
-    with pytest.raises(ConfigError, match=r"other fixed settings \(tta_shift 0 -> 1\).*--study"):
-        run_study(config.override(copy.deepcopy(exp), tta_shift=1), TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
+    changed = 1 - recorded
+    with pytest.raises(ConfigError, match=rf"other fixed settings \(tta_shift {recorded} -> {changed}\).*--study"):
+        run_study(config.override(copy.deepcopy(exp), tta_shift=changed), TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
     with pytest.raises(ConfigError, match=r"epochs 1 -> 2"):
         run_study(exp, TuneOptions(trials=3, epochs=2, data_dir=data_dir(), threads=1))
     assert len(load_study("bn").trials) == 2
