@@ -14,9 +14,10 @@ import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import ConfigError
+from .rules import MAX_BATCH, RULES, SEED_MAX, check_value  # noqa: F401  (re-exported: config.SEED_MAX ...)
 
 NORMS = ("bn", "gn", "ln", "lnchw")
 STUDY_NORMS = ("bn", "gn", "ln")
@@ -44,6 +45,7 @@ class ModelConfig:
     blocks2: int = 0
     blocks3: int = 0
     dropout_at: str = "head"
+    drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
@@ -75,10 +77,14 @@ class TrainConfig:
     nesterov: bool = True
     weight_decay: float = 5e-4
     schedule: str = "onecycle"
+    lr_warmup_epochs: float = 0.0  # cosine / constant: linear warm-up from lr/100 over this many epochs first
     label_smoothing: float = 0.0
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0  # side of the square cut out of each training image; 0 = off
+    erasing: float = 0.0  # probability of random erasing per training image (torchvision's box sizes); 0 = off
+    mixup: float = 0.0  # alpha of MixUp's Beta(alpha, alpha); 0 = off
+    cutmix: float = 0.0  # alpha of CutMix; with mixup too, each batch uses one of the two
     val_size: int = 5000
     train_subset: int = 0  # train on the first N images of the training split; 0 = all
     seed: int = 0
@@ -320,58 +326,6 @@ def parse_assignments(items: tuple[str, ...] | list[str]) -> dict[str, str]:
     return out
 
 
-SEED_MAX = 2**32 - 1  # NumPy's and Optuna's samplers take seeds in [0, 2**32)
-MAX_BATCH = 50_000  # the training set's size
-
-
-def _between(lo: float, hi: float, hi_open: bool = False) -> Callable[[Any], bool]:
-    return lambda v: lo <= v < hi if hi_open else lo <= v <= hi
-
-
-# Value rules by field name: (check, what the value must be). Types are checked first (``coerce``:
-# numbers are finite, integers whole), so each check sees a number of the field's type.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "dropout": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
-    # Upper bounds far above any model within the budget: a typo must not allocate gigabytes.
-    "width": (lambda v: 0 < v <= 8, "must be > 0 and <= 8"),
-    "groups": (_between(1, 256), "must be >= 1 and <= 256"),
-    "stem": (_between(0, 256), "must be >= 0 and <= 256 (0 = width1)"),
-    **{name: (_between(1, 256), "must be >= 1 and <= 256") for name in ("width1", "width2", "width3")},
-    "blocks": (_between(1, 16), "must be >= 1 and <= 16"),
-    **{name: (_between(0, 16), "must be >= 0 and <= 16 (0 = blocks)") for name in ("blocks1", "blocks2", "blocks3")},
-    "epochs": (lambda v: v >= 1, "must be >= 1"),
-    "batch_size": (_between(1, MAX_BATCH), f"must be in [1, {MAX_BATCH}]"),
-    "lr": (lambda v: v > 0, "must be > 0"),
-    "momentum": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, "must be >= 0"),
-    "label_smoothing": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
-    "crop_padding": (_between(0, 32), "must be in [0, 32]"),
-    "cutout": (_between(0, 32), "must be in [0, 32]"),
-    "val_size": (_between(0, 50_000, hi_open=True), "must be in [0, 50000)"),
-    "train_subset": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
-    "seed": (_between(0, SEED_MAX), f"must be in [0, {SEED_MAX}]"),
-    "eval_batch_size": (_between(1, MAX_BATCH), f"must be in [1, {MAX_BATCH}]"),
-    "ema": (_between(0, 1, hi_open=True), "must be in [0, 1) (0 = off, e.g. 0.99)"),
-    "tta_shift": (_between(0, 4), "must be in [0, 4] pixels (0 = off)"),
-    "max_params": (lambda v: v >= 1, "must be >= 1"),
-    "tune.trials": (lambda v: v >= 1, "must be >= 1"),
-    "tune.epochs": (lambda v: v >= 0, "must be >= 0 (0 = train.epochs)"),
-    "tune.train_subset": (lambda v: v >= 0, "must be >= 0 (0 = all)"),
-    "tune.warmup_epochs": (lambda v: v >= 0, "must be >= 0"),
-    "tune.startup_trials": (lambda v: v >= 0, "must be >= 0"),
-    "tune.min_epochs": (lambda v: v >= 1, "must be >= 1 (the first rung of successive halving)"),
-    "tune.reduction_factor": (lambda v: v >= 2, "must be >= 2"),
-}
-
-
-def check_value(key: str, value: Any) -> Any:
-    """``value`` if it obeys the rule of field ``key`` (``RULES``), else a ConfigError naming both."""
-    rule = RULES.get(key)
-    if rule is not None and not rule[0](value):
-        raise ConfigError(f"{key} {rule[1]}, got {value!r}")
-    return value
-
-
 def parse_value(name: str, value: Any) -> Any:
     """A hyperparameter from the command line: converted to its field's type and checked by its rule."""
     return check_value(name, coerce(name, value, hyperparameter_types()[name]))
@@ -387,6 +341,12 @@ def validate(exp: Experiment) -> None:
     for prefix, section in (("", m), ("", t), ("", exp.budget), ("tune.", exp.tune)):
         for f in fields(section):
             check_value(prefix + f.name, getattr(section, f.name))
+    if t.lr_warmup_epochs and t.schedule == "onecycle":
+        raise ConfigError("lr_warmup_epochs: onecycle has its own warm-up; use schedule=cosine or set lr_warmup_epochs=0")
+    if t.lr_warmup_epochs >= t.epochs:
+        raise ConfigError(f"lr_warmup_epochs ({t.lr_warmup_epochs:g}) must be below epochs ({t.epochs}); shorten the warm-up")
+    if m.drop_path and m.preset != "convnext":
+        raise ConfigError(f"drop_path applies to preset convnext, not {m.preset!r}; set drop_path=0")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .augment import crop_and_flip, cutout, random_erasing
 from .errors import DataError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -28,8 +29,6 @@ RECORD_BYTES = 1 + 3 * 32 * 32
 TRAIN_BIN = [f"data_batch_{i}.bin" for i in range(1, 6)]
 TEST_BIN = "test_batch.bin"
 BIN_DIR, PY_DIR = "cifar-10-batches-bin", "cifar-10-batches-py"
-
-
 
 
 @dataclass
@@ -195,35 +194,6 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return ((images.float() - mean) / std).to(dtype)
 
 
-def crop_and_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop after zero padding, and random horizontal flip, as one gather over the batch."""
-    b, c, h, w = images.shape
-    if padding:
-        images = torch.nn.functional.pad(images, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
-    dx = torch.randint(0, 2 * padding + 1, (b, 1), generator=generator)
-    rows = dy + torch.arange(h)
-    cols = dx + torch.arange(w)
-    if flip:
-        flipped = torch.rand(b, 1, generator=generator) < 0.5
-        cols = torch.where(flipped, cols.flip(1), cols)
-    rows, cols = rows.to(images.device), cols.to(images.device)
-    batch = torch.arange(b, device=images.device).view(b, 1, 1, 1)
-    chan = torch.arange(c, device=images.device).view(1, c, 1, 1)
-    return images[batch, chan, rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
-
-
-def cutout(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """Zero a ``size`` x ``size`` square (clipped at the border) at a random centre of each image."""
-    b, _, h, w = images.shape
-    top = torch.randint(0, h, (b, 1, 1), generator=generator).to(images.device) - size // 2
-    left = torch.randint(0, w, (b, 1, 1), generator=generator).to(images.device) - size // 2
-    ys = torch.arange(h, device=images.device).view(1, h, 1)
-    xs = torch.arange(w, device=images.device).view(1, 1, w)
-    inside = (ys >= top) & (ys < top + size) & (xs >= left) & (xs < left + size)
-    return images * ~inside.unsqueeze(1)
-
-
 def train_batches(
     split: Split,
     batch_size: int,
@@ -232,6 +202,7 @@ def train_batches(
     padding: int = 4,
     flip: bool = True,
     cutout_size: int = 0,
+    erasing: float = 0.0,
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
 ):
@@ -243,6 +214,8 @@ def train_batches(
         x = normalize(crop_and_flip(images, padding, flip, generator), dtype)
         if cutout_size:  # after normalising, so the square is the mean colour
             x = cutout(x, cutout_size, generator)
+        if erasing:
+            x = random_erasing(x, erasing, generator)
         yield x.contiguous(memory_format=memory_format), split.labels[idx].to(device, non_blocking=True)
 
 

@@ -15,6 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import interrupt
 from .config import TrainConfig
+from .augment import batch_mixer
 from .data import CIFAR10, Split, eval_batches, train_batches
 from .errors import DivergedError
 from .runtime import Runtime, resolve_runtime
@@ -51,11 +52,17 @@ def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def create_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """Stepped once per batch. cosine and constant may start with ``lr_warmup_epochs`` of linear warm-up."""
+    lr = torch.optim.lr_scheduler
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
-    if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
-    return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+        return lr.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total_steps)
+    warmup = round(total_steps * cfg.lr_warmup_epochs / cfg.epochs)
+    main = (lr.CosineAnnealingLR(optimizer, T_max=total_steps - warmup) if cfg.schedule == "cosine"
+            else lr.ConstantLR(optimizer, factor=1.0, total_iters=0))
+    if not warmup:
+        return main
+    ramp = lr.LinearLR(optimizer, start_factor=0.01, total_iters=warmup)
+    return lr.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
 
 
 def create_ema(model: nn.Module, decay: float) -> AveragedModel | None:
@@ -84,14 +91,16 @@ def train_one_epoch(
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
     seen = 0
     batches = train_batches(
-        split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout,
+        split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.erasing,
         memory_format=rt.memory_format,
     )
+    mix = batch_mixer(cfg.mixup, cfg.cutmix)
     for step, (x, y) in enumerate(batches, 1):
         interrupt.check()
+        x, targets = mix(x, y)  # soft targets under mixup / cutmix; training accuracy stays against y
         with rt.autocast:
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -6,13 +6,14 @@ projecting back, plus the identity), a norm and 2x2 stride-2 conv between stages
 downsampling layer), then global average pooling, a norm, dropout and a linear classifier. There is
 one norm per block, as in ConvNeXt, and no layer scale. Its shape comes from the flat ``ModelConfig``
 fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``width``, ``norm``,
-``groups`` and ``dropout``; ``dropout_at`` does not apply.
+``groups``, ``dropout`` and ``drop_path`` (stochastic depth); ``dropout_at`` does not apply.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+from torchvision.ops import StochasticDepth
 
 from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
@@ -32,7 +33,7 @@ def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
 class ConvNeXtBlock(nn.Module):
     """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt."""
 
-    def __init__(self, channels: int, norm: str, groups: int, kernel: int = KERNEL):
+    def __init__(self, channels: int, norm: str, groups: int, kernel: int = KERNEL, drop_path: float = 0.0):
         super().__init__()
         hidden = EXPANSION * channels
         self.residual = nn.Sequential(
@@ -44,9 +45,11 @@ class ConvNeXtBlock(nn.Module):
             nn.GELU(),
             nn.Conv2d(hidden, channels, 1),
         )
+        # Stochastic depth: in training, skips the residual branch of a random share of the images.
+        self.drop_path = StochasticDepth(drop_path, "row") if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.residual(x)
+        return x + self.drop_path(self.residual(x))
 
 
 def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential:
@@ -55,15 +58,19 @@ def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential
 
 class ConvNeXt(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
-                 dropout: float = 0.0, kernel: int = KERNEL):
+                 dropout: float = 0.0, kernel: int = KERNEL, drop_path: float = 0.0):
         super().__init__()
+        # ConvNeXt's rule: the drop rate rises linearly from 0 at the first block to drop_path at the last.
+        # (Plain floats, not torch.linspace: the budget check builds the model on the meta device.)
+        n = sum(blocks)
+        rates = iter(drop_path * i / max(n - 1, 1) for i in range(n))
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1, bias=False), norm_layer(norm, stem, groups))
         stages = []
         for i, (in_ch, out_ch, n_blocks) in enumerate(zip((stem, *widths), widths, blocks)):
             # Stage 1 stays at 32x32 and needs a 1x1 projection only when the stem is narrower or wider.
             entry = downsample(in_ch, out_ch, norm, groups) if i else (
                 nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity())
-            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel) for _ in range(n_blocks))))
+            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates)) for _ in range(n_blocks))))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_norm = norm_layer(norm, widths[-1], groups)  # ConvNeXt normalises the pooled features
@@ -79,4 +86,4 @@ class ConvNeXt(nn.Module):
 def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
     stem, widths, blocks = staged_shape(cfg, "convnext")
-    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout)
+    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, drop_path=cfg.drop_path)
