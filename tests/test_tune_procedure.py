@@ -18,7 +18,7 @@ from bench.tune import TuneOptions, prepare_study, run_study, suggest
 from bench.tune.recovery import requeue_interrupted
 from bench.tune.rungs import rank_correlations
 from bench.tune.space import baseline_params, enqueue_baseline, rungs
-from bench.tune.summary import outcome_metrics
+from bench.tune.summary import next_steps, outcome_metrics
 import test_tune
 from test_tune import REPO, data_dir, load_study, runs_of, tiny_experiment
 
@@ -186,3 +186,14 @@ def test_the_last_trial_running_takes_the_idle_workers_threads(store, monkeypatc
     lines = [line for line in console.export_text().splitlines() if "the last one running" in line]
     assert lines == ["trial   1  the last one running: 2 threads from epoch 2"]  # trial 0 had trial 1 still to start
     assert threads_by_epoch == [(0, 1), (1, 2)]
+
+
+def test_when_no_trial_beats_the_baseline_the_end_says_so_and_how_to_go_on(monkeypatch):
+    monkeypatch.setattr(tracking, "champion", lambda name: None)
+    study = optuna.create_study(direction="maximize", study_name="gn")
+    study.add_trial(create_trial(value=0.73, user_attrs={"baseline": True}))
+    assert not any("beat the baseline" in line for line in next_steps(study, "gn", "cifar10-gn"))  # the baseline alone
+    study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.4}))
+    assert "no trial beat the baseline in 2 trials; more trials resume this study: bench tune --norm gn --trials 4" in next_steps(study, "gn", "cifar10-gn")
+    study.add_trial(create_trial(value=0.78))
+    assert not any("beat the baseline" in line for line in next_steps(study, "gn", "cifar10-gn"))

@@ -87,6 +87,10 @@ def next_steps(study: optuna.Study, norm: str, registry_name: str) -> list[str]:
         lines.append(f"champion: {tracking.champion_uri(registry_name)} = version {version.version} (trial {version.tags.get('trial')}, "
                      f"val acc {version.tags.get('val_acc')}, test acc {version.tags.get('test_acc')}); the alias moves only on improvement")
     study_flag = "" if study.study_name == norm else f" --study {study.study_name}"
+    best, n = best_trial(study), len(study.trials)
+    if best is not None and best.user_attrs.get("baseline") and n > 1:
+        lines.append(f"no trial beat the baseline in {n} trials; more trials resume this study: "
+                     f"bench tune --norm {norm}{study_flag} --trials {2 * n}")
     lines += [f"next: bench confirm --norm {norm}{study_flag} --seeds 3   (re-train the best with 3 seeds)",
               "      bench report                                  (compare the norms, with statistics)",
               "      bench ui                                      (browse every trial in MLflow)"]
