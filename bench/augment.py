@@ -11,9 +11,6 @@ import math
 from typing import Callable
 
 import torch
-from torchvision.transforms import v2
-
-from .models.layers import NUM_CLASSES
 
 # torchvision's RandomErasing defaults: the box covers 2%-33% of the image, aspect ratio 0.3-3.3.
 ERASING_SCALE = (0.02, 0.33)
@@ -72,12 +69,14 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator) -
     return images.masked_fill(mask.to(images.device), 0)
 
 
-def batch_mixer(mixup: float, cutmix: float) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(images, labels) -> (images, targets). ``mixup`` / ``cutmix``: the Beta(alpha, alpha) of each,
     0 = off; with both on, each batch uses one of the two at random (as timm does). With neither, the
-    targets are the class indices unchanged; otherwise they are soft, [B, 10], each row summing to one.
+    targets are the class indices unchanged; otherwise they are soft, [B, num_classes], each row summing to one.
     Both draw from torch's global generator, which ``fit`` seeds."""
-    mixers = [cls(alpha=alpha, num_classes=NUM_CLASSES) for alpha, cls in ((mixup, v2.MixUp), (cutmix, v2.CutMix)) if alpha]
+    from torchvision.transforms import v2  # here: importing torchvision costs every command ~1.6 s
+
+    mixers = [cls(alpha=alpha, num_classes=num_classes) for alpha, cls in ((mixup, v2.MixUp), (cutmix, v2.CutMix)) if alpha]
     if not mixers:
         return lambda images, labels: (images, labels)
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)

@@ -16,7 +16,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import interrupt
 from .config import TrainConfig
 from .augment import batch_mixer
-from .data import CIFAR10, Split, eval_batches, train_batches
+from .data import CIFAR10, CLASSES, Split, eval_batches, train_batches
 from .errors import DivergedError
 from .runtime import Runtime, resolve_runtime
 
@@ -94,7 +94,7 @@ def train_one_epoch(
         split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.erasing,
         memory_format=rt.memory_format,
     )
-    mix = batch_mixer(cfg.mixup, cfg.cutmix)
+    mix = batch_mixer(cfg.mixup, cfg.cutmix, len(CLASSES))
     for step, (x, y) in enumerate(batches, 1):
         interrupt.check()
         x, targets = mix(x, y)  # soft targets under mixup / cutmix; training accuracy stays against y

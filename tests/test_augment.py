@@ -58,14 +58,14 @@ def test_erasing_probability_sets_the_share_of_images_touched():
 
 def test_without_mixing_the_batch_and_labels_pass_unchanged():
     x, y = batch()
-    out, targets = batch_mixer(0.0, 0.0)(x, y)
+    out, targets = batch_mixer(0.0, 0.0, 10)(x, y)
     assert out is x and targets is y
 
 
 def test_mixup_blends_each_image_with_its_neighbour_and_its_targets_sum_to_one():
     x, y = batch(b=8)
     torch.manual_seed(0)
-    out, targets = batch_mixer(0.4, 0.0)(x, y)
+    out, targets = batch_mixer(0.4, 0.0, 10)(x, y)
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
     one_hot = F.one_hot(y, 10).float()
     lam = float(targets[0, y[0]]) if y[0] != y[-1] else None  # torchvision mixes image i with image i-1
@@ -77,7 +77,7 @@ def test_mixup_blends_each_image_with_its_neighbour_and_its_targets_sum_to_one()
 def test_cutmix_pastes_a_box_and_weights_the_targets_by_its_area():
     x, y = batch(b=8)
     torch.manual_seed(2)
-    out, targets = batch_mixer(0.0, 1.0)(x, y)
+    out, targets = batch_mixer(0.0, 1.0, 10)(x, y)
     assert torch.allclose(targets.sum(1), torch.ones(8))
     from_neighbour = (out == x.roll(1, 0)) & (out != x)
     assert torch.equal(out[~from_neighbour], x[~from_neighbour])  # every pixel is its own or its neighbour's
@@ -89,7 +89,7 @@ def test_cutmix_pastes_a_box_and_weights_the_targets_by_its_area():
 def test_with_both_each_batch_uses_one_of_the_two():
     x, y = batch(b=16)
     torch.manual_seed(0)
-    mix = batch_mixer(0.4, 1.0)
+    mix = batch_mixer(0.4, 1.0, 10)
     kinds = set()
     for _ in range(20):
         out, targets = mix(x, y)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torchvision.ops import StochasticDepth
 
 from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
@@ -28,6 +27,12 @@ EXPANSION = 4
 def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
     # The side passed to make_norm only matters for lnchw, which this family refuses.
     return make_norm(norm, channels, 0, groups)
+
+
+def stochastic_depth(rate: float) -> nn.Module:
+    from torchvision.ops import StochasticDepth  # only when used: importing torchvision costs every command ~1.6 s
+
+    return StochasticDepth(rate, "row")
 
 
 class ConvNeXtBlock(nn.Module):
@@ -46,7 +51,7 @@ class ConvNeXtBlock(nn.Module):
             nn.Conv2d(hidden, channels, 1),
         )
         # Stochastic depth: in training, skips the residual branch of a random share of the images.
-        self.drop_path = StochasticDepth(drop_path, "row") if drop_path else nn.Identity()
+        self.drop_path = stochastic_depth(drop_path) if drop_path else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.drop_path(self.residual(x))
