@@ -59,9 +59,9 @@ def random_erasing(images: torch.Tensor, p: float, generator: torch.Generator) -
     once normalised). torchvision redraws a box that does not fit; here its sides are clipped to the image."""
     b, _, h, w = images.shape
     area = h * w * torch.empty(b).uniform_(*ERASING_SCALE, generator=generator)
-    log_ratio = torch.empty(b).uniform_(math.log(ERASING_RATIO[0]), math.log(ERASING_RATIO[1]), generator=generator)
-    height = (area * log_ratio.exp()).sqrt().round().clamp(1, h).long()
-    width = (area / log_ratio.exp()).sqrt().round().clamp(1, w).long()
+    ratio = torch.empty(b).uniform_(math.log(ERASING_RATIO[0]), math.log(ERASING_RATIO[1]), generator=generator).exp()
+    height = (area * ratio).sqrt().round().clamp(1, h).long()
+    width = (area / ratio).sqrt().round().clamp(1, w).long()
     top = (torch.rand(b, generator=generator) * (h - height + 1)).long()
     left = (torch.rand(b, generator=generator) * (w - width + 1)).long()
     erased = torch.rand(b, generator=generator) < p

@@ -197,3 +197,10 @@ def test_when_no_trial_beats_the_baseline_the_end_says_so_and_how_to_go_on(monke
     assert "no trial beat the baseline in 2 trials; more trials resume this study: bench tune --norm gn --trials 4" in next_steps(study, "gn", "cifar10-gn")
     study.add_trial(create_trial(value=0.78))
     assert not any("beat the baseline" in line for line in next_steps(study, "gn", "cifar10-gn"))
+
+
+def test_a_warm_up_longer_than_the_trials_is_refused_before_any_trial(store):
+    exp = tiny_experiment(schedule="cosine", lr_warmup_epochs=2)  # fine for the file's 15 epochs
+    with pytest.raises(ConfigError, match=r"lr_warmup_epochs \(2\) must be below epochs \(1\)"):
+        run_study(exp, TuneOptions(trials=1, epochs=1, data_dir=data_dir(), threads=1))
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []

@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 
 from .. import tracking
-from ..config import Experiment, override
+from ..config import Experiment, override, validate
 from ..errors import ConfigError
 from .options import TuneOptions
 
@@ -124,10 +124,12 @@ def trial_epochs(exp: Experiment, opts: TuneOptions) -> int:
 
 
 def as_trial(exp: Experiment, epochs: int) -> Experiment:
-    """``exp`` as a trial trains it: the tuning epochs, on the tuning subset unless train_subset is set."""
+    """``exp`` as a trial trains it: the tuning epochs, on the tuning subset unless train_subset is set.
+    Checked again, since rules that tie fields to the epochs (the warm-up) must hold for the trial's."""
     exp.train.epochs = epochs
     if exp.tune.train_subset and not exp.train.train_subset:
         exp.train.train_subset = exp.tune.train_subset
+    validate(exp)
     return exp
 
 
