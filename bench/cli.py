@@ -167,7 +167,8 @@ def dashboard(host, port, storage):
 @click.option("--to-accuracy", type=FiniteFloat(0, 1, min_open=True), help="Instead: train both pipelines for --epochs with the experiment's recipe and report the wall clock to this test accuracy.")
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @click.option("--widths", help="Instead: the training step at these width multipliers (e.g. 1,1.5,1.75), against the first.")
-@click.option("--experiments", help="Instead: the training step of these experiments' models (e.g. resnet_bn,convnext_bn), against the first.")
+@click.option("--experiments", help="Instead: the training step of these experiments' models (e.g. resnet_bn,convnext_bn), against the "
+              "first; NAME:FIELD=VALUE changes one (convnext_ln:kernel=3).")
 @data_options
 @friendly_errors
 def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, experiments, **options):

@@ -46,6 +46,7 @@ class ModelConfig:
     blocks3: int = 0
     dropout_at: str = "head"
     drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
+    kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.5x faster on CPU)
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
@@ -347,6 +348,8 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"lr_warmup_epochs ({t.lr_warmup_epochs:g}) must be below epochs ({t.epochs}); shorten the warm-up")
     if m.drop_path and m.preset != "convnext":
         raise ConfigError(f"drop_path applies to preset convnext, not {m.preset!r}; set drop_path=0")
+    if m.kernel != ModelConfig.kernel and m.preset != "convnext":
+        raise ConfigError(f"kernel applies to preset convnext, not {m.preset!r}; remove it or set kernel={ModelConfig.kernel}")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 

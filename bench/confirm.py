@@ -76,7 +76,7 @@ class Trainer:
         return self._data[exp.train.val_size]
 
     def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, tags: dict[str, Any]) -> str:
-        rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device))
+        rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device), exp.model.preset)
         data = self.data(exp)
         tags = {
             records.TAG_STUDY_RUN: record.best_parent_id,

@@ -58,7 +58,7 @@ def rescore(run_id: str, shifts: tuple[int, ...] = (1, 2), data_dir: str | None 
     if logged_digest and logged_digest != data.digest:
         raise DataError(f"this CIFAR-10 copy (digest {data.digest}) is not the one run {run_id} trained on ({logged_digest}); "
                         "point BENCH_DATA_DIR or --data-dir at that copy")
-    rt = resolve_runtime(cfg, params.get("norm", "bn"), pick_device(device))
+    rt = resolve_runtime(cfg, params.get("norm", "bn"), pick_device(device), params.get("preset"))
     model = tracking.load_run_model(run).to(rt.device, memory_format=rt.memory_format)
     scores = {}
     for recipe in recipes(shifts):

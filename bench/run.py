@@ -113,7 +113,7 @@ def run_training(
     """``bench train``: one run, logged to MLflow unless ``tracking_uri`` is None."""
     console = console or Console()
     setup_threads(threads)
-    rt = resolve_runtime(exp.train, exp.model.norm, pick_device(device))
+    rt = resolve_runtime(exp.train, exp.model.norm, pick_device(device), exp.model.preset)
     build_model(exp)  # budget check before loading data
     track = tracking_uri is not None
     uri = tracking.setup(tracking_uri or None) if track else None

@@ -12,8 +12,11 @@ import torch
 from .config import TrainConfig
 
 # Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
-# seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW.
+# seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW in the seed and residual models.
 CHANNELS_LAST_BY_NORM = {"bn": True, "gn": False, "ln": True, "lnchw": False}
+# The ConvNeXt family trains channels-last with every norm: its float32 depthwise convs are 2-4x
+# faster so, which outweighs GroupNorm's layout preference (docs/convnext.md: 2.1x overall with gn).
+CHANNELS_LAST_PRESETS = {"convnext"}
 
 
 @dataclass
@@ -51,13 +54,14 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def resolve_runtime(cfg: TrainConfig, norm: str, device: torch.device | None = None) -> Runtime:
+def resolve_runtime(cfg: TrainConfig, norm: str, device: torch.device | None = None, preset: str | None = None) -> Runtime:
     device = device or default_device()
     if cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_supported(device)):
         dtype = torch.bfloat16
     else:
         dtype = torch.float32
-    channels_last = {"on": True, "off": False}.get(cfg.channels_last, CHANNELS_LAST_BY_NORM.get(norm, False))
+    auto = preset in CHANNELS_LAST_PRESETS or CHANNELS_LAST_BY_NORM.get(norm, False)
+    channels_last = {"on": True, "off": False}.get(cfg.channels_last, auto)
     return Runtime(device, dtype, torch.channels_last if channels_last else torch.contiguous_format)
 
 

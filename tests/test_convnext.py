@@ -10,11 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bench.config import load
-from bench.errors import BudgetError
+from bench.config import load, override
+from bench.errors import BudgetError, ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model, list_models
-from bench.models.convnext import KERNEL
+from bench.models.convnext import DepthwiseConv2d
 
+KERNEL = 7  # ConvNeXt's, the default
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NORMS = ("bn", "gn", "ln")
 DEFAULT_SHAPE = {"width1": 16, "width2": 32, "width3": 48, "blocks1": 2, "blocks2": 1, "blocks3": 1}
@@ -53,6 +54,37 @@ def test_other_shapes_count_as_the_closed_form(arch):
     widths = (kwargs["width1"], kwargs["width2"], kwargs["width3"])
     expected = expected_params(kwargs.get("stem") or widths[0], widths, blocks)
     assert count_params(create_model(**kwargs)) == count_params_fast(**kwargs) == expected
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 9])
+def test_the_depthwise_kernel_is_a_field_counted_exactly(kernel):
+    kwargs = default("bn", kernel=kernel)
+    model = create_model(**kwargs)
+    assert {b.residual[0].kernel_size for b in model.modules() if isinstance(b, ConvNeXtBlock)} == {(kernel, kernel)}
+    assert count_params(model) == count_params_fast(**kwargs) == expected_params(16, (16, 32, 48), (2, 1, 1), kernel)
+    assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"kernel": 4}, "kernel must be 3, 5, 7 or 9"),
+    ({"preset": "resnet", "kernel": 3}, "kernel applies to preset convnext, not 'resnet'"),
+])
+def test_bad_kernels_are_refused_with_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        override(load(EXPERIMENTS / "convnext_ln.toml"), **changes)
+
+
+def test_depthwise_conv_stays_float32_under_cpu_bf16_autocast_and_matches_nn_conv2d():
+    torch.manual_seed(0)
+    dw = DepthwiseConv2d(8, 8, 7, padding=3, groups=8, bias=False)
+    plain = nn.Conv2d(8, 8, 7, padding=3, groups=8, bias=False)
+    plain.load_state_dict(dw.state_dict())  # same parameters, same names: logged models still load
+    x = torch.randn(2, 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dw(x).dtype == torch.float32 and plain(x).dtype == torch.bfloat16
+        # the 1x1 conv after it still runs in bf16
+        assert nn.Conv2d(8, 4, 1)(dw(x)).dtype == torch.bfloat16
+    torch.testing.assert_close(dw(x), plain(x))
 
 
 def test_over_budget_shape_is_refused_naming_its_count():

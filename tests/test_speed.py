@@ -289,6 +289,16 @@ def test_experiment_rows_measure_each_model_at_its_own_shape_and_norm(monkeypatc
     assert "training step by model" in text and "vs resnet_bn" in text and "0.25x" in text
 
 
+def test_an_experiment_row_can_change_model_fields(monkeypatch, small_cifar):
+    script(monkeypatch, grid, {"convnext_ln": [100.0], "convnext_ln:kernel=3": [150.0]})
+    report = run_grid(GridOptions(experiments=("convnext_ln", "convnext_ln:kernel=3"), steps=1, repeats=1, batch_size=16, threads=1), small_cifar)
+    full, small = report["rows"]
+    assert (small["label"], small["ratio"]) == ("convnext_ln:kernel=3", 1.5)
+    assert full["params"] - small["params"] == (49 - 9) * (2 * 16 + 32 + 48)  # 40 weights per depthwise channel
+    with pytest.raises(ConfigError, match="kernel must be 3, 5, 7 or 9"):
+        run_grid(GridOptions(experiments=("convnext_ln:kernel=4",), steps=1, repeats=1, batch_size=16, threads=1), small_cifar)
+
+
 def test_cli_experiments_refuses_an_unknown_one_and_widths_beside_it(cifar_dir):
     base = ["speed", "--steps", "1", "--repeats", "1", "--batch-size", "16", "--data-dir", str(cifar_dir)]
     unknown = CliRunner().invoke(cli, [*base, "--experiments", "resnet_bn,nosuch"])

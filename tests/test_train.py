@@ -235,6 +235,10 @@ def test_runtime_resolution():
     assert resolve_runtime(cfg(precision="bf16"), "bn", torch.device("cpu")).dtype == torch.bfloat16
     assert resolve_runtime(cfg(channels_last="on"), "gn").memory_format == torch.channels_last
     assert resolve_runtime(cfg(channels_last="off"), "bn").memory_format == torch.contiguous_format
+    # auto: GroupNorm trains NCHW in the residual family, channels-last in the ConvNeXt family
+    assert resolve_runtime(cfg(), "gn", preset="resnet").memory_format == torch.contiguous_format
+    assert resolve_runtime(cfg(), "gn", preset="convnext").memory_format == torch.channels_last
+    assert resolve_runtime(cfg(channels_last="off"), "gn", preset="convnext").memory_format == torch.contiguous_format
     rt = resolve_runtime(cfg(precision="fp32"), "bn", torch.device("cpu"))
     assert "cpu float32" in rt.describe()
 

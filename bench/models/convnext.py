@@ -6,7 +6,8 @@ projecting back, plus the identity), a norm and 2x2 stride-2 conv between stages
 downsampling layer), then global average pooling, a norm, dropout and a linear classifier. There is
 one norm per block, as in ConvNeXt, and no layer scale. Its shape comes from the flat ``ModelConfig``
 fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``width``, ``norm``,
-``groups``, ``dropout`` and ``drop_path`` (stochastic depth); ``dropout_at`` does not apply.
+``groups``, ``dropout``, ``kernel`` (the depthwise kernel) and ``drop_path`` (stochastic depth);
+``dropout_at`` does not apply.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 
-# ConvNeXt's own 7x7: a 5x5 kernel was not measurably faster on CPU (docs/convnext.md) and saves only
-# 24 parameters a channel (2,688 at the default shape).
-KERNEL = 7
 EXPANSION = 4
 
 
@@ -35,15 +33,27 @@ def stochastic_depth(rate: float) -> nn.Module:
     return StochasticDepth(rate, "row")
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise conv that stays in float32 on the CPU under bf16 autocast. oneDNN's bf16 depthwise
+    5x5 and 7x7 kernels train 3-4x slower than its float32 ones on the CPUs here (docs/convnext.md);
+    the 1x1 convs around it, where bf16 pays, still run in bf16. Same parameters as nn.Conv2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+            return super().forward(x)
+        with torch.autocast("cpu", enabled=False):
+            return super().forward(x.float())
+
+
 class ConvNeXtBlock(nn.Module):
     """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt."""
 
-    def __init__(self, channels: int, norm: str, groups: int, kernel: int = KERNEL, drop_path: float = 0.0):
+    def __init__(self, channels: int, norm: str, groups: int, kernel: int = 7, drop_path: float = 0.0):
         super().__init__()
         hidden = EXPANSION * channels
         self.residual = nn.Sequential(
             # No bias: the norm right after it has its own shift.
-            nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
+            DepthwiseConv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
             norm_layer(norm, channels, groups),
             # 1x1 convs rather than Linear on permuted tensors: the layout stays NCHW or channels-last.
             nn.Conv2d(channels, hidden, 1),
@@ -63,7 +73,7 @@ def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential
 
 class ConvNeXt(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
-                 dropout: float = 0.0, kernel: int = KERNEL, drop_path: float = 0.0):
+                 dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0):
         super().__init__()
         # ConvNeXt's rule: the drop rate rises linearly from 0 at the first block to drop_path at the last.
         # (Plain floats, not torch.linspace: the budget check builds the model on the meta device.)
@@ -91,4 +101,4 @@ class ConvNeXt(nn.Module):
 def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
     stem, widths, blocks = staged_shape(cfg, "convnext")
-    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, drop_path=cfg.drop_path)
+    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.kernel, cfg.drop_path)

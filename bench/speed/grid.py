@@ -15,7 +15,7 @@ import statistics
 
 import torch
 
-from ..config import TrainConfig, find_experiment, load
+from ..config import TrainConfig, find_experiment, load, override, parse_assignments
 from ..data import CIFAR10
 from ..errors import ConfigError
 from ..models import count_params, create_model
@@ -28,7 +28,7 @@ from .measure import interleaved, warm_up
 @dataclasses.dataclass
 class GridOptions:
     widths: tuple[float, ...] = ()
-    experiments: tuple[str, ...] = ()  # names or TOML paths: their models instead of the widths
+    experiments: tuple[str, ...] = ()  # names or TOML paths, each with optional ":field=value" changes
     norm: str = "bn"
     preset: str = "seed_bn"
     groups: int = 4
@@ -47,11 +47,18 @@ def channels(model: torch.nn.Module) -> list[int]:
 def variants(opts: GridOptions) -> dict[str | float, dict]:
     """What to measure: the experiment's label or the width -> ``create_model`` keywords (preset and norm included)."""
     if opts.experiments:
-        experiments = [load(name if name.endswith(".toml") else find_experiment(name)) for name in opts.experiments]
-        return {exp.name: dataclasses.asdict(exp.model) for exp in experiments}
+        return dict(experiment_variant(spec) for spec in opts.experiments)
     if not opts.widths or any(not w > 0 for w in opts.widths):
         raise ConfigError("--widths needs positive width multipliers, e.g. --widths 1,1.5,1.75")
     return {w: {"preset": opts.preset, "norm": opts.norm, "width": w, "groups": opts.groups} for w in opts.widths}
+
+
+def experiment_variant(spec: str) -> tuple[str, dict]:
+    """``convnext_ln`` or ``convnext_ln:kernel=3:width1=24`` -> (label, model keywords): an experiment's
+    model, with changes checked as --set's."""
+    name, *changes = spec.split(":")
+    exp = override(load(name if name.endswith(".toml") else find_experiment(name)), **parse_assignments(changes))
+    return ":".join((exp.name, *changes)), dataclasses.asdict(exp.model)
 
 
 def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) -> dict:
@@ -63,7 +70,7 @@ def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) ->
     cfg = dataclasses.replace(TrainConfig(), batch_size=opts.batch_size, seed=opts.seed)
     runners, shapes = {}, {}
     for label, kwargs in models.items():
-        rt = resolve_runtime(cfg, kwargs["norm"], device)  # each norm in the memory layout it trains in
+        rt = resolve_runtime(cfg, kwargs["norm"], device, kwargs.get("preset"))  # each model in the memory layout it trains in
         torch.manual_seed(opts.seed)
         model = create_model(**kwargs).to(device, memory_format=rt.memory_format)
         runners[label] = epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train)

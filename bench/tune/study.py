@@ -92,7 +92,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     if target - done <= 0:
         return study
     data = load_data(exp, opts.data_dir, opts.download)
-    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device())
+    rt = resolve_runtime(exp.train, exp.model.norm, torch.device(opts.device) if opts.device else default_device(), exp.model.preset)
     parent_id = os.environ.get("BENCH_PARENT_RUN_ID")  # set by `--jobs K` for its workers
     if not parent_id:
         parent_id, _ = open_study_parent(study, exp, opts, target, {"bench.epochs_per_trial": epochs})
