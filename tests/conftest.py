@@ -12,6 +12,7 @@ where a missing data set fails them instead.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import pickle
@@ -254,6 +255,26 @@ def isolated_mlruns(tmp_path, monkeypatch) -> Path:
         while mlflow.active_run() is not None:
             mlflow.end_run()
         mlflow.set_tracking_uri(previous)  # None: back to "unset" (monkeypatch then restores the env)
+
+
+@contextlib.contextmanager
+def module_store(root: Path, data, modules):
+    """For module-scoped fixtures: work in ``root`` with its own MLflow store and one torch thread,
+    every ``module.load_data`` returning ``data``; MLflow's process-wide URI is restored afterwards."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    previous_uri = tracking_utils._tracking_uri
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        uri = f"sqlite:///{root}/mlruns/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        torch.set_num_threads(1)
+        for module in modules:
+            mp.setattr(module, "load_data", lambda *args, **kwargs: data)
+        yield root
+    mlflow.set_tracking_uri(previous_uri)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from bench.cli import cli
 from bench.data import CIFAR10
 from bench.models import ConvNeXtBlock, count_params_fast
 from bench.tune import TuneOptions, run_study
+from conftest import module_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000, "tta_shift": 0}
@@ -38,25 +39,13 @@ def runs(study: str, kind: str) -> list:
 def convnext_studies(cifar, tmp_path_factory):
     """One 3-trial, 1-epoch study per norm on a 400/200/300 slice, each best confirmed with 2 seeds, and a report."""
     tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
-    root = tmp_path_factory.mktemp("convnext")
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous_uri = tracking_utils._tracking_uri
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        uri = f"sqlite:///{root}/mlruns/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        torch.set_num_threads(1)
-        for module in (bench.tune.study, bench.confirm):
-            mp.setattr(module, "load_data", lambda *args, **kwargs: tiny)
+    with module_store(tmp_path_factory.mktemp("convnext"), tiny, (bench.tune.study, bench.confirm)) as root:
         for norm in NORMS:
             exp = config.override(config.load(REPO / "experiments" / f"convnext_{norm}.toml"), **TINY)
             run_study(exp, TuneOptions(trials=3, epochs=1, threads=1, pruner="none"))
             invoke("confirm", "--norm", norm, "--study", f"convnext_{norm}", "--seeds", "2", "--epochs", "1", "--threads", "1")
         invoke("report", "--norms", ",".join(f"{n}=convnext_{n}" for n in NORMS), "--threads", "1", "--out", "reports/convnext")
         yield root
-    mlflow.set_tracking_uri(previous_uri)  # MLflow keeps its URI process-wide
 
 
 def model_of(norm: str, params: dict) -> dict:

@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 import bench.confirm
@@ -26,6 +25,7 @@ from bench.console import duration
 from bench.report import build_report
 from bench.report.tables import pct
 from bench.tune import TuneOptions, run_study
+from conftest import module_store
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000}
@@ -46,18 +46,7 @@ def studies(cifar, tmp_path_factory):
     """Two tiny studies (bn, gn: 2 trials, 1 epoch), confirmed with 2 seeds, plus batch-size runs at 50,
     all in an isolated MLflow store; data is a 400/200/300 real slice."""
     tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
-    root = tmp_path_factory.mktemp("report")
-    from mlflow.tracking._tracking_service import utils as tracking_utils
-
-    previous_uri = tracking_utils._tracking_uri
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        uri = f"sqlite:///{root}/mlruns/mlflow.db"
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mlflow.set_tracking_uri(uri)
-        torch.set_num_threads(1)
-        for module in (bench.tune.study, bench.confirm):
-            mp.setattr(module, "load_data", lambda *args, **kwargs: tiny)
+    with module_store(tmp_path_factory.mktemp("report"), tiny, (bench.tune.study, bench.confirm)) as root:
         for norm in NORMS:
             exp = config.override(config.load(REPO / "experiments" / f"{norm}.toml"), **TINY)
             run_study(exp, TuneOptions(trials=2, epochs=1, threads=1, pruner="none"))
@@ -66,7 +55,6 @@ def studies(cifar, tmp_path_factory):
         first = invoke("report", "--batch-sizes", "50", "--epochs", "1", "--threads", "1", "--out", "reports/first")
         assert first.exit_code == 0, first.output
         yield root
-    mlflow.set_tracking_uri(previous_uri)  # MLflow keeps its URI process-wide
 
 
 @pytest.fixture
