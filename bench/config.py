@@ -46,7 +46,7 @@ class ModelConfig:
     blocks3: int = 0
     dropout_at: str = "head"
     drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
-    kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.5x faster on CPU)
+    kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.4x faster on CPU)
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is

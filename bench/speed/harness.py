@@ -61,7 +61,7 @@ def epoch_runner(model, optimizer, cfg: TrainConfig, rt: Runtime, split: Split, 
 
 def bench_train_runner(opts: SpeedOptions, data: CIFAR10, device: torch.device) -> tuple[Runner, Runtime, nn.Module]:
     cfg = bench_config(opts)
-    rt = resolve_runtime(cfg, opts.norm, device)
+    rt = resolve_runtime(cfg, opts.norm, device, opts.model_preset)
     model = bench_model(opts.model_preset, opts.norm, opts.seed).to(device, memory_format=rt.memory_format)
     return epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train), rt, model
 

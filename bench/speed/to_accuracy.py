@@ -33,7 +33,7 @@ def baseline_curve(data: CIFAR10, cfg: TrainConfig, preset: str, norm: str, work
 
 def bench_curve(data: CIFAR10, cfg: TrainConfig, preset: str, norm: str, device: torch.device) -> list[dict]:
     """The harness's ``fit`` with its defaults; test accuracy after every epoch (timed, like the baseline)."""
-    rt = resolve_runtime(cfg, norm, device)
+    rt = resolve_runtime(cfg, norm, device, preset)
     model = bench_model(preset, norm, cfg.seed)
     curve, start = [], time.perf_counter()
 
