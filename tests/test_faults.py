@@ -175,10 +175,12 @@ def pg_ctl(*args: str) -> subprocess.CompletedProcess:
 def test_stopped_postgres_with_jobs_2_is_one_line_per_process_and_each_trial_reruns_once(servers, tmp_path):
     pg, server = servers
     name = study_name("pglost")
-    cmd = tune_cmd("--storage", pg, "--study", name, "--tracking-uri", server, "--trials", "2", "--jobs", "2", epochs=2)
+    cmd = tune_cmd("--storage", pg, "--study", name, "--tracking-uri", server, "--trials", "2", "--jobs", "2", epochs=20)
     launcher = Worker(cmd, tmp_path, "launcher")
     deadline = time.time() + PATIENCE
-    while launcher.output.count("epoch   1/2") < 2:  # both workers mid-trial
+    # Both workers mid-trial. The second starts a second or two after the first, so the trials are
+    # long enough that the first is still training when the second reports its first epoch.
+    while launcher.output.count("epoch   1/20") < 2:
         assert time.time() < deadline and launcher.proc.poll() is None, launcher.output
         time.sleep(0.2)
     stopped = pg_ctl("stop", "-m", "immediate", "-w")
