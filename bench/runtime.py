@@ -4,7 +4,10 @@ device without importing the training loops."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import platform
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +43,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# glibc serves each allocation above its mmap threshold (32 MB at most, by default) with a fresh mmap
+# and unmaps it on free, so such a tensor is page-faulted in again at every step. The ConvNeXt's
+# stage-1 expansion in float32 (batch 128 x 64 x 32 x 32 = 33.5 MB) is over it: on a CPU without
+# bf16 a step spent most of its time in page faults (docs/speed.md). Kept in the heap instead.
+MALLOC_SETTINGS = {"M_TRIM_THRESHOLD": (-1, 1 << 30), "M_MMAP_THRESHOLD": (-3, 256 << 20)}
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")  # glibc's own variables: a user's choice wins
+
+
+def keep_large_allocations() -> bool:
+    """Let glibc reuse freed tensors of up to 256 MB instead of returning them to the kernel; True
+    if set. No-op off glibc, when the user set glibc's variables, or with BENCH_ALLOCATOR=default."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or os.environ.get("BENCH_ALLOCATOR") == "default":
+        return False
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return all(libc.mallopt(param, value) == 1 for param, value in MALLOC_SETTINGS.values())
+
+
 def setup_threads(threads: int | None = None) -> int:
-    """Use the cores this process may run on (cgroup/affinity aware), unless told otherwise."""
+    """Use the cores this process may run on (cgroup/affinity aware), unless told otherwise; large
+    allocations stay in the heap (``keep_large_allocations``)."""
+    keep_large_allocations()
     if threads is None:
         threads = int(os.environ.get("BENCH_THREADS", 0)) or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
