@@ -327,3 +327,14 @@ def test_cli_widths_writes_one_row_per_width(cifar_dir, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["width"], r["params"], r["channels"], r["ratio"]) for r in rows[:1]] == [(1.0, 18_064, CHANNELS[1.0], 1.0)]
     assert (rows[1]["width"], rows[1]["params"]) == (1.75, count_params_fast(preset="seed_bn", norm="bn", width=1.75, groups=4))
+
+
+def test_an_experiment_row_can_change_its_layout_and_precision_but_not_the_recipe(monkeypatch, small_cifar):
+    script(monkeypatch, grid, {"convnext_ln": [100.0], "convnext_ln:channels_last=off:precision=fp32": [50.0]})
+    report = run_grid(GridOptions(experiments=("convnext_ln", "convnext_ln:channels_last=off:precision=fp32"), steps=1, repeats=1,
+                                  batch_size=16, threads=1), small_cifar)
+    default, changed = report["rows"]
+    assert "channels_last" in default["runtime"]
+    assert changed["runtime"].startswith("cpu float32 nchw")
+    with pytest.raises(ConfigError, match="lr would be ignored"):
+        run_grid(GridOptions(experiments=("convnext_ln:lr=0.3",), steps=1, repeats=1, batch_size=16, threads=1), small_cifar)

@@ -44,21 +44,33 @@ def channels(model: torch.nn.Module) -> list[int]:
     return [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-def variants(opts: GridOptions) -> dict[str | float, dict]:
-    """What to measure: the experiment's label or the width -> ``create_model`` keywords (preset and norm included)."""
+# The training settings a variant may change: how the step computes, not what it optimises.
+RUNTIME_FIELDS = ("precision", "channels_last")
+
+
+def variants(opts: GridOptions) -> dict[str | float, tuple[dict, dict]]:
+    """What to measure: the experiment's label or the width -> (``create_model`` keywords, preset and
+    norm included; the runtime fields it changes)."""
     if opts.experiments:
-        return dict(experiment_variant(spec) for spec in opts.experiments)
+        return {label: (model, runtime) for label, model, runtime in map(experiment_variant, opts.experiments)}
     if not opts.widths or any(not w > 0 for w in opts.widths):
         raise ConfigError("--widths needs positive width multipliers, e.g. --widths 1,1.5,1.75")
-    return {w: {"preset": opts.preset, "norm": opts.norm, "width": w, "groups": opts.groups} for w in opts.widths}
+    return {w: ({"preset": opts.preset, "norm": opts.norm, "width": w, "groups": opts.groups}, {}) for w in opts.widths}
 
 
-def experiment_variant(spec: str) -> tuple[str, dict]:
-    """``convnext_ln`` or ``convnext_ln:kernel=3:width1=24`` -> (label, model keywords): an experiment's
-    model, with changes checked as --set's."""
+def experiment_variant(spec: str) -> tuple[str, dict, dict]:
+    """``convnext_ln`` or ``convnext_ln:kernel=3:channels_last=off`` -> (label, model keywords, runtime
+    fields): an experiment's model, with changes checked as --set's."""
     name, *changes = spec.split(":")
-    exp = override(load(name if name.endswith(".toml") else find_experiment(name)), **parse_assignments(changes))
-    return ":".join((exp.name, *changes)), dataclasses.asdict(exp.model)
+    assignments = parse_assignments(changes)
+    exp = override(load(name if name.endswith(".toml") else find_experiment(name)), **assignments)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unused = [k for k in assignments if k in train_fields and k not in RUNTIME_FIELDS]
+    if unused:
+        raise ConfigError(f"{spec}: the step benchmark trains every model with the same recipe, so {', '.join(unused)} "
+                          f"would be ignored; change the model or {' / '.join(RUNTIME_FIELDS)}")
+    runtime = {k: getattr(exp.train, k) for k in assignments if k in RUNTIME_FIELDS}
+    return ":".join((exp.name, *changes)), dataclasses.asdict(exp.model), runtime
 
 
 def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) -> dict:
@@ -69,8 +81,9 @@ def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) ->
     device = default_device()
     cfg = dataclasses.replace(TrainConfig(), batch_size=opts.batch_size, seed=opts.seed)
     runners, shapes = {}, {}
-    for label, kwargs in models.items():
-        rt = resolve_runtime(cfg, kwargs["norm"], device, kwargs.get("preset"))  # each model in the memory layout it trains in
+    for label, (kwargs, runtime) in models.items():
+        # each model in the memory layout and precision it trains in, unless the variant changes them
+        rt = resolve_runtime(dataclasses.replace(cfg, **runtime), kwargs["norm"], device, kwargs.get("preset"))
         torch.manual_seed(opts.seed)
         model = create_model(**kwargs).to(device, memory_format=rt.memory_format)
         runners[label] = epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train)
