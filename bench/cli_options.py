@@ -83,7 +83,7 @@ def data_options(f):
     return f
 
 
-EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
+EXPERIMENT_FOR_NORM = config_mod.EXPERIMENT_FOR_NORM
 
 
 def runtime_options(f):

@@ -354,6 +354,9 @@ def validate(exp: Experiment) -> None:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 
 
+EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # a norm's own experiment file when not <norm>.toml: the seed LayerNorm only fits the budget in its own topology
+
+
 def find_experiment(name: str, search_dirs: list[Path] | None = None) -> Path:
     """``experiments/<name>.toml`` in the working directory, else beside the installed package."""
     dirs = search_dirs or [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments"]

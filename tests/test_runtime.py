@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-# 20 allocate-fill-free cycles of a 40 MB tensor (a ConvNeXt stage-1 activation is 33.5 MB in float32);
+# 60 allocate-fill-free cycles of a 40 MB tensor (a ConvNeXt stage-1 activation is 33.5 MB in float32);
 # prints the page faults they cost.
 CYCLES = """
 import resource, sys, torch
@@ -19,7 +19,7 @@ if sys.argv[1] == "setup":
     setup_threads(1)
 torch.empty(40 << 20, dtype=torch.uint8).fill_(1)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+for _ in range(60):
     torch.empty(40 << 20, dtype=torch.uint8).fill_(1)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -36,12 +36,13 @@ def page_faults(mode: str, **env: str) -> int:
 @glibc_only
 def test_setup_keeps_freed_large_tensors_for_reuse():
     pages = (40 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert page_faults("plain") >= 15 * pages  # glibc's default: every cycle faults its pages in again
-    assert page_faults("setup") <= 5 * pages  # the first few while the heap grows (1-3 measured), then none
+    assert page_faults("plain") >= 45 * pages  # glibc's default: every cycle faults its pages in again
+    # the first few cycles while the heap grows (1 to 5 seen, by what else the interpreter allocates), then none
+    assert page_faults("setup") <= 15 * pages
 
 
 @glibc_only
 def test_the_users_own_malloc_settings_and_the_opt_out_win():
     pages = (40 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert page_faults("setup", BENCH_ALLOCATOR="default") >= 15 * pages
-    assert page_faults("setup", MALLOC_MMAP_THRESHOLD_=str(1 << 20)) >= 15 * pages
+    assert page_faults("setup", BENCH_ALLOCATOR="default") >= 45 * pages
+    assert page_faults("setup", MALLOC_MMAP_THRESHOLD_=str(1 << 20)) >= 45 * pages

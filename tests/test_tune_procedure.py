@@ -195,6 +195,13 @@ def test_when_no_trial_beats_the_baseline_the_end_says_so_and_how_to_go_on(monke
     assert not any("beat the baseline" in line for line in next_steps(study, "gn", "cifar10-gn"))  # the baseline alone
     study.add_trial(create_trial(state=TrialState.PRUNED, intermediate_values={1: 0.4}))
     assert "no trial beat the baseline in 2 trials; more trials resume this study: bench tune --norm gn --trials 4" in next_steps(study, "gn", "cifar10-gn")
+    # a study of another experiment file is resumed with that file (--norm would load gn.toml's space and be refused)
+    other = optuna.create_study(direction="maximize", study_name="convnext_gn")
+    for t in study.trials:
+        other.add_trial(t)
+    assert ("more trials resume this study: bench tune -e experiments/convnext_gn.toml --study convnext_gn --trials 4"
+            in " ".join(next_steps(other, "gn", "cifar10-convnext_gn", "convnext_gn")))
+    assert "bench tune --norm lnchw --study convnext_gn --trials 4" in " ".join(next_steps(other, "lnchw", "r", "seed_gn"))  # its own file
     study.add_trial(create_trial(value=0.78))
     assert not any("beat the baseline" in line for line in next_steps(study, "gn", "cifar10-gn"))
 

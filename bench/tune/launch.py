@@ -65,7 +65,7 @@ def run_workers(exp: Experiment, opts: TuneOptions, worker_argv: list[str], jobs
     finish_parent(study, parent_id, status, time.time() - start, console, epochs)
     if status == "KILLED":
         raise KeyboardInterrupt
-    print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
+    print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name), exp.name)
     print_where(study, parent_id, uri, console)
     if status == "FAILED":
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} workers failed (exit codes {codes}); {done} of {target} trials finished"

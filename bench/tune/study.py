@@ -128,7 +128,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
         if not os.environ.get("BENCH_PARENT_RUN_ID") and not lost:
             finish_parent(study, parent_id, status, time.time() - start, console, epochs)
     if not os.environ.get("BENCH_PARENT_RUN_ID"):  # a --jobs worker leaves the summary to its launcher
-        print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name))
+        print_outcome(study, console, exp.model.norm, epochs, registry_name(study.study_name), exp.name)
         print_where(study, parent_id, uri, console)
     return study
 

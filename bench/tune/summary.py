@@ -12,6 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from .. import tracking
+from ..config import EXPERIMENT_FOR_NORM
 from ..stats import pareto_front
 from .recovery import feasible_complete
 
@@ -79,8 +80,9 @@ def outcome_table(study: optuna.Study, epochs: int) -> Table:
     return table
 
 
-def next_steps(study: optuna.Study, norm: str, registry_name: str) -> list[str]:
-    """What the user has, and the commands that take it further."""
+def next_steps(study: optuna.Study, norm: str, registry_name: str, experiment: str | None = None) -> list[str]:
+    """What the user has, and the commands that take it further; ``experiment`` names a file other
+    than the norm's own (experiments/<norm>.toml), which a resume must be given again."""
     lines = []
     version = tracking.champion(registry_name)
     if version is not None:
@@ -90,11 +92,18 @@ def next_steps(study: optuna.Study, norm: str, registry_name: str) -> list[str]:
     best, n = best_trial(study), len(study.trials)
     if best is not None and best.user_attrs.get("baseline") and n > 1:
         lines.append(f"no trial beat the baseline in {n} trials; more trials resume this study: "
-                     f"bench tune --norm {norm}{study_flag} --trials {2 * n}")
+                     f"bench tune {tune_source(norm, experiment)}{study_flag} --trials {2 * n}")
     lines += [f"next: bench confirm --norm {norm}{study_flag} --seeds 3   (re-train the best with 3 seeds)",
               "      bench report                                  (compare the norms, with statistics)",
               "      bench ui                                      (browse every trial in MLflow)"]
     return lines
+
+
+def tune_source(norm: str, experiment: str | None) -> str:
+    """``--norm bn`` for the norm's own experiment, else ``-e experiments/NAME.toml``."""
+    if experiment is None or experiment == EXPERIMENT_FOR_NORM.get(norm, norm):
+        return f"--norm {norm}"
+    return f"-e experiments/{experiment}.toml"
 
 
 def summarise_to_parent(study: optuna.Study, parent_id: str, seconds: float, final: bool = True, epochs: int | None = None) -> None:
@@ -201,9 +210,9 @@ def best_table(study: optuna.Study, top_k: int = 5) -> Table:
     return table
 
 
-def print_outcome(study: optuna.Study, console, norm: str, epochs: int, registry_name: str) -> None:
+def print_outcome(study: optuna.Study, console, norm: str, epochs: int, registry_name: str, experiment: str | None = None) -> None:
     """The end of ``bench tune``: best trials, baseline -> best, the champion and what to run next."""
     console.print(best_table(study))
     console.print(outcome_table(study, epochs))
-    for line in next_steps(study, norm, registry_name):
+    for line in next_steps(study, norm, registry_name, experiment):
         console.print(line)
