@@ -83,9 +83,6 @@ def data_options(f):
     return f
 
 
-EXPERIMENT_FOR_NORM = config_mod.EXPERIMENT_FOR_NORM
-
-
 def runtime_options(f):
     """Where to run and where to record: --device, --threads, --tracking-uri."""
     f = click.option("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db).")(f)
@@ -96,7 +93,7 @@ def runtime_options(f):
 
 def load_experiment(experiment_file, norm, assignments=(), **values) -> config_mod.Experiment:
     """The experiment file (explicit, or experiments/<norm>.toml), then flags on top."""
-    path = experiment_file or config_mod.find_experiment(EXPERIMENT_FOR_NORM.get(norm, norm or "bn"))
+    path = experiment_file or config_mod.find_experiment(config_mod.norm_experiment(norm))
     exp = config_mod.load(path)
     flags = {k: v for k, v in values.items() if v is not None}
     config_mod.override(exp, **{**config_mod.parse_assignments(assignments), **flags, "norm": norm})

@@ -354,7 +354,12 @@ def validate(exp: Experiment) -> None:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 
 
-EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # a norm's own experiment file when not <norm>.toml: the seed LayerNorm only fits the budget in its own topology
+EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
+
+
+def norm_experiment(norm: str | None) -> str:
+    """The name of a norm's own experiment file: ``<norm>``, but for the exceptions above (bn by default)."""
+    return EXPERIMENT_FOR_NORM.get(norm, norm or "bn")
 
 
 def find_experiment(name: str, search_dirs: list[Path] | None = None) -> Path:

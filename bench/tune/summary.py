@@ -12,7 +12,7 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.table import Table
 
 from .. import tracking
-from ..config import EXPERIMENT_FOR_NORM
+from ..config import norm_experiment
 from ..stats import pareto_front
 from .recovery import feasible_complete
 
@@ -101,7 +101,7 @@ def next_steps(study: optuna.Study, norm: str, registry_name: str, experiment: s
 
 def tune_source(norm: str, experiment: str | None) -> str:
     """``--norm bn`` for the norm's own experiment, else ``-e experiments/NAME.toml``."""
-    if experiment is None or experiment == EXPERIMENT_FOR_NORM.get(norm, norm):
+    if experiment is None or experiment == norm_experiment(norm):
         return f"--norm {norm}"
     return f"-e experiments/{experiment}.toml"
 
