@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from . import interrupt, records, tracking, workers
-from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, override
+from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
@@ -40,7 +40,7 @@ class ConfirmOptions(RuntimeOptions):
 def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
     """The experiment file of the norm with the best trial's hyperparameters on top, on the full
     training set for ``epochs`` (default: the file's train.epochs, not the shorter tuning epochs)."""
-    exp = load(find_experiment(record.norm))
+    exp = load(find_experiment(norm_experiment(record.norm)))
     logged = record.best.data.params
     values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed")}
     override(exp, **values, train_subset=0, epochs=epochs)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tracking
-from .config import NORMS, tta_name
+from .config import NORMS, norm_experiment, tta_name
 from .errors import ConfigError, TrackingError
 
 # Tags of confirm and batch-size runs (beside tracking.TAG_*).
@@ -70,9 +70,10 @@ def trial_counts(trials: list[Any]) -> dict[str, int]:
 
 
 def load_study(norm: str, study: str | None = None, trial: int | None = None) -> StudyRecord:
-    """Everything MLflow holds about the study of ``norm`` (named ``study``, default the norm); with
+    """Everything MLflow holds about the study of ``norm`` (named ``study``, default the name of the
+    norm's own experiment file, as `bench tune --norm` names it); with
     ``trial``, that trained trial stands in for the best (see ``with_trial``)."""
-    name = study or norm
+    name = study or norm_experiment(norm)
     parents = tracking.search_runs(name, "study")
     if not parents:
         raise TrackingError(f"no study '{name}' in MLflow at {tracking.current_uri()}; run `bench tune --norm {norm}` first")
@@ -117,8 +118,8 @@ def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
 
 
 def studied_norms() -> list[str]:
-    """Norms whose default-named study (MLflow experiment named after the norm) has a study run."""
-    return [norm for norm in NORMS if tracking.search_runs(norm, "study")]
+    """Norms whose default-named study (MLflow experiment named after the norm's file) has a study run."""
+    return [norm for norm in NORMS if tracking.search_runs(norm_experiment(norm), "study")]
 
 
 def metric(run, key: str) -> float:

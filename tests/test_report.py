@@ -359,3 +359,14 @@ def test_report_and_workers_import_no_training_code():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "[]"
+
+
+def test_the_seed_layernorm_study_is_confirmed_by_its_norm_alone(cifar, tmp_path):
+    """`bench tune --norm lnchw` trains experiments/seed_gn.toml and names its study after it;
+    `bench confirm --norm lnchw` finds that study and that file (it looked for 'lnchw' and lnchw.toml)."""
+    tiny = CIFAR10(cifar.train.take(300), cifar.val.take(200), cifar.test.take(200), cifar.source + " (slice)", cifar.digest)
+    with module_store(tmp_path, tiny, (bench.tune.study, bench.confirm)):
+        invoke("tune", "--norm", "lnchw", "--trials", "1", "--tune-epochs", "1", "--threads", "1")
+        invoke("confirm", "--norm", "lnchw", "--seeds", "1", "--epochs", "1", "--threads", "1")
+        confirmed = runs("seed_gn", "confirm")
+    assert len(confirmed) == 1 and confirmed[0].data.params["norm"] == "lnchw"
