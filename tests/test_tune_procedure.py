@@ -18,6 +18,7 @@ from bench.tune import TuneOptions, prepare_study, run_study, suggest
 from bench.tune.recovery import requeue_interrupted
 from bench.tune.rungs import rank_correlations
 from bench.tune.space import baseline_params, enqueue_baseline, rungs
+from bench.tune.study import pruner_label
 from bench.tune.summary import next_steps, outcome_metrics
 import test_tune
 from test_tune import REPO, data_dir, load_study, runs_of, tiny_experiment
@@ -77,6 +78,14 @@ def test_rungs_follow_min_epochs_and_the_reduction_factor():
     assert rungs(exp, 15) == [1, 3, 9]
     exp.tune.min_epochs, exp.tune.reduction_factor = 2, 4
     assert rungs(exp, 15) == [2, 8] and rungs(exp, 2) == []
+
+
+def test_the_study_header_names_the_rungs_or_says_there_are_none():
+    exp = tiny_experiment()
+    exp.tune.pruner = "halving"
+    opts = TuneOptions()
+    assert pruner_label(exp, opts, 10) == "successive halving at epochs 1, 3, 9 (best 1/3 go on)"
+    assert pruner_label(exp, opts, 1) == "successive halving: no rung within 1 epoch, every trial runs to the end"
 
 
 class AlwaysPrune(optuna.pruners.BasePruner):
