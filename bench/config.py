@@ -362,10 +362,11 @@ def norm_experiment(norm: str | None) -> str:
     return EXPERIMENT_FOR_NORM.get(norm, norm or "bn")
 
 
-def find_experiment(name: str, search_dirs: list[Path] | None = None) -> Path:
-    """``experiments/<name>.toml`` in the working directory, else beside the installed package."""
+def find_experiment(name: str, search_dirs: list[Path] | None = None, fix: str = "pass --experiment FILE") -> Path:
+    """``experiments/<name>.toml`` in the working directory, else beside the installed package;
+    ``fix`` ends the error, for commands without --experiment."""
     dirs = search_dirs or [Path.cwd() / "experiments", Path(__file__).resolve().parents[1] / "experiments"]
     for d in dirs:
         if (d / f"{name}.toml").is_file():
             return d / f"{name}.toml"
-    raise ConfigError(f"no experiment file {name}.toml in {', '.join(map(str, dirs))}; pass --experiment FILE")
+    raise ConfigError(f"no experiment file {name}.toml in {', '.join(map(str, dirs))}; {fix}")

@@ -40,7 +40,7 @@ class ConfirmOptions(RuntimeOptions):
 def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
     """The experiment file of the norm with the best trial's hyperparameters on top, on the full
     training set for ``epochs`` (default: the file's train.epochs, not the shorter tuning epochs)."""
-    exp = load(find_experiment(norm_experiment(record.norm)))
+    exp = load(find_experiment(norm_experiment(record.norm), fix="run it from the folder holding the study's experiments/"))
     logged = record.best.data.params
     values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed")}
     override(exp, **values, train_subset=0, epochs=epochs)

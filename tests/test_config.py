@@ -287,5 +287,7 @@ def test_find_experiment(tmp_path, monkeypatch):
     (tmp_path / "experiments").mkdir()
     write(tmp_path / "experiments", "[train]\nlr = 0.3\n", "bn.toml")
     assert find_experiment("bn") == tmp_path / "experiments" / "bn.toml"
-    with pytest.raises(ConfigError, match="no experiment file nope.toml"):
+    with pytest.raises(ConfigError, match="no experiment file nope.toml.*; pass --experiment FILE$"):
         find_experiment("nope")
+    with pytest.raises(ConfigError, match="; run it from the folder holding the study's experiments/$"):
+        find_experiment("nope", fix="run it from the folder holding the study's experiments/")

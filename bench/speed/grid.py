@@ -63,7 +63,7 @@ def experiment_variant(spec: str) -> tuple[str, dict, dict]:
     fields): an experiment's model, with changes checked as --set's."""
     name, *changes = spec.split(":")
     assignments = parse_assignments(changes)
-    exp = override(load(name if name.endswith(".toml") else find_experiment(name)), **assignments)
+    exp = override(load(name if name.endswith(".toml") else find_experiment(name, fix="name a file of experiments/ or give a .toml path")), **assignments)
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unused = [k for k in assignments if k in train_fields and k not in RUNTIME_FIELDS]
     if unused:
