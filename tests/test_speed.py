@@ -22,7 +22,7 @@ from bench.speed import (GridOptions, render_grid, SpeedOptions, bench_model, re
                          seed_model, time_to_accuracy, write_json)
 from bench.speed import ablation, benchmark, grid, measure, to_accuracy
 from bench.speed.ablation import StepSetup
-from bench.speed.measure import flops_per_image, interleaved, matmul_gflops
+from bench.speed.measure import cpu_name, flops_per_image, interleaved, matmul_gflops
 
 # seed_bn's convolution output channels, as bench/models/seed.py builds them at width 1 and 1.75
 CHANNELS = {1.0: [16, 32, 10, 16, 16, 16, 10, 16, 16, 16, 10], 1.75: [28, 56, 10, 28, 28, 28, 10, 28, 28, 28, 10]}
@@ -287,6 +287,7 @@ def test_experiment_rows_measure_each_model_at_its_own_shape_and_norm(monkeypatc
     assert [(row["images_per_s"], row["ratio"]) for row in report["rows"]] == [(400.0, 1.0), (100.0, 0.25)]
     text = text_of(render_grid, report)
     assert "training step by model" in text and "vs resnet_bn" in text and "0.25x" in text
+    assert report["cpu"] == cpu_name() and cpu_name() in text  # speeds compare only within one machine
 
 
 def test_an_experiment_row_can_change_model_fields(monkeypatch, small_cifar):

@@ -22,7 +22,7 @@ from ..models import count_params, create_model
 from ..runtime import default_device, resolve_runtime, setup_threads
 from ..train import create_optimizer
 from .harness import epoch_runner
-from .measure import interleaved, warm_up
+from .measure import cpu_name, interleaved, warm_up
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) ->
              "images_per_s": statistics.median(r), "min": min(r), "max": max(r), "repeats": r,
              "ratio": statistics.median(r) / reference} for label, r in rates.items()]
     return {"options": dataclasses.asdict(opts) | {"threads": threads}, "runtime": rows[0]["runtime"],
-            "torch": torch.__version__, "rows": rows}
+            "cpu": cpu_name(), "torch": torch.__version__, "rows": rows}
 
 
 def render_grid(report: dict, console) -> None:
@@ -107,7 +107,7 @@ def render_grid(report: dict, console) -> None:
     opts, rows = report["options"], report["rows"]
     what = "model" if opts["experiments"] else "width"
     title = ("training step by model" if opts["experiments"] else f"{opts['preset']} {opts['norm']}: training step by width")
-    table = Table(title=f"{title} ({opts['threads']} thread(s), batch {opts['batch_size']}, median of {opts['repeats']} interleaved repeats)",
+    table = Table(title=f"{title} ({report.get('cpu', 'cpu')}, {opts['threads']} thread(s), batch {opts['batch_size']}, median of {opts['repeats']} interleaved repeats)",
                   title_justify="left")
     for col in (what, "conv channels", "params", "runtime", "images/s", "spread", f"vs {'' if opts['experiments'] else 'width '}{rows[0]['label']}"):
         table.add_column(col, justify="left" if col in (what, "conv channels", "runtime") else "right")
