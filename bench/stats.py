@@ -5,6 +5,7 @@ single run against several seeds, Holm's adjustment, the Pareto front.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,9 @@ def welch(a, b, level: float = 0.95) -> Welch:
     diff = float(a.mean() - b.mean())
     if a.var() == 0 and b.var() == 0:  # identical values within each group: any difference is exact
         return t_test(diff, 0.0, math.nan, level)
-    result = sps.ttest_ind(a, b, equal_var=False)
+    with warnings.catch_warnings():  # one group of identical values: its variance is exactly 0, not a precision loss
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        result = sps.ttest_ind(a, b, equal_var=False)
     low, high = result.confidence_interval(level)
     return Welch(diff, float(low), float(high), float(result.statistic), float(result.df), float(result.pvalue))
 

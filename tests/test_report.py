@@ -311,6 +311,26 @@ def test_t_intervals_and_welch_match_tables():
     assert stats.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
 
 
+def test_seeds_that_score_exactly_alike_give_no_spread_to_test_against(recwarn):
+    """Two LayerNorm seeds of this project both scored 77.56%: a zero spread called a single GroupNorm
+    run 1.3 points away 'larger than the seed-to-seed spread' (t = -inf)."""
+    from types import SimpleNamespace
+
+    from bench.report.numbers import compare
+    from bench.report.tables import statement
+
+    norms = [SimpleNamespace(name=n, test_values=v) for n, v in
+             (("bn", [0.7953, 0.8130, 0.8084]), ("gn", [0.7624]), ("ln", [0.7756, 0.7756]))]
+    bn_gn, bn_ln, gn_ln = compare(norms)
+    assert gn_ln.test is None and not gn_ln.exceeds_spread and "ln score exactly alike" in gn_ln.untestable
+    assert bn_ln.test is not None and math.isfinite(bn_ln.test.t) and bn_gn.single == "gn"  # bn's own spread is enough
+    assert not [w for w in recwarn if "Precision loss" in str(w.message)]
+    text = "\n".join(statement([bn_gn, bn_ln, gn_ln]))
+    assert "**Not testable:** gn vs ln (the confirm seeds of ln score exactly alike" in text
+    both_alike = compare([SimpleNamespace(name="a", test_values=[0.8, 0.8]), SimpleNamespace(name="b", test_values=[0.7, 0.7])])
+    assert both_alike[0].test is None and "a and b score exactly alike" in both_alike[0].untestable
+
+
 def test_a_single_run_is_tested_against_the_other_norms_seeds():
     from types import SimpleNamespace
 

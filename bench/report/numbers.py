@@ -101,8 +101,9 @@ def batch_accuracies(record: StudyRecord) -> dict[int, float]:
 class Comparison:
     a: str
     b: str
-    test: stats.Welch | None  # None when neither norm has 2 confirm seeds, or one has none
+    test: stats.Welch | None  # None when the pair cannot be tested (``untestable`` says why)
     single: str = ""  # the norm with a single confirm run, tested against the other's seed spread
+    untestable: str = ""
     adjusted_p: float = math.nan
 
     @property
@@ -110,14 +111,21 @@ class Comparison:
         return self.test is not None and self.adjusted_p < ALPHA
 
 
-def pair_test(a: NormSummary, b: NormSummary) -> tuple[stats.Welch | None, str]:
-    """Welch's test when both norms have 2+ seeds; a single run against the other norm's seeds when one has 1."""
+def pair_test(a: NormSummary, b: NormSummary) -> tuple[stats.Welch | None, str, str]:
+    """Welch's test when both norms have 2+ seeds; a single run against the other norm's seeds when
+    one has 1; (None, "", why) when there is no seed spread to test against."""
     n_a, n_b = len(a.test_values), len(b.test_values)
+    if min(n_a, n_b) < 1 or max(n_a, n_b) < 2:
+        return None, "", "no norm of the pair has 2 confirm seeds (or one has none)"
+    seeded = [s for s in (a, b) if len(s.test_values) >= 2]
+    # Test accuracies come in steps of one image (0.01 points on 10,000): seeds that agree exactly
+    # say the spread is below that step, not that it is zero, and a zero spread would call any gap real.
+    if all(np.ptp(s.test_values) == 0 for s in seeded):
+        names = " and ".join(s.name for s in seeded)
+        return None, "", f"the confirm seeds of {names} score exactly alike, so they show no spread to test against"
     if min(n_a, n_b) >= 2:
-        return stats.welch(a.test_values, b.test_values), ""
-    if min(n_a, n_b) == 1 and max(n_a, n_b) >= 2:
-        return stats.single_run_test(a.test_values, b.test_values), a.name if n_a == 1 else b.name
-    return None, ""
+        return stats.welch(a.test_values, b.test_values), "", ""
+    return stats.single_run_test(a.test_values, b.test_values), a.name if n_a == 1 else b.name, ""
 
 
 def compare(summaries: list[NormSummary]) -> list[Comparison]:

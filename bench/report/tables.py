@@ -86,11 +86,11 @@ def statement(comparisons: list[Comparison]) -> list[str]:
         lines.append(f"- {comparison_line(c)}")
     larger = [f"{c.a} vs {c.b}" for c in comparisons if c.exceeds_spread]
     within = [f"{c.a} vs {c.b}" for c in comparisons if c.test is not None and not c.exceeds_spread]
-    untested = [f"{c.a} vs {c.b}" for c in comparisons if c.test is None]
+    untested = [f"{c.a} vs {c.b} ({c.untestable})" for c in comparisons if c.test is None]
     lines += ["", f"**Larger than the seed-to-seed spread:** {', '.join(larger) or 'none'}.",
               f"**Within the spread:** {', '.join(within) or 'none'}."]
     if untested:
-        lines.append(f"**Not testable (no norm of the pair has 2 confirm seeds):** {', '.join(untested)}; run `bench confirm --seeds 3` or more.")
+        lines.append(f"**Not testable:** {'; '.join(untested)}; confirm more seeds (`bench confirm --seeds 3` or more).")
     if not comparisons:
         lines.append("Only one norm in this report: nothing to compare.")
     return lines
@@ -98,7 +98,7 @@ def statement(comparisons: list[Comparison]) -> list[str]:
 
 def comparison_line(c: Comparison) -> str:
     if c.test is None:
-        return f"{c.a} vs {c.b}: not testable, neither norm has 2 confirm seeds (or one has none)."
+        return f"{c.a} vs {c.b}: not testable, {c.untestable}."
     w = c.test
     leader = c.a if w.diff >= 0 else c.b
     verdict = "larger than the seed-to-seed spread" if c.exceeds_spread else "within the seed-to-seed spread"
