@@ -56,8 +56,8 @@ def welch(a, b, level: float = 0.95) -> Welch:
     if len(a) < 2 or len(b) < 2:
         raise ValueError("Welch's test needs at least 2 values per group")
     diff = float(a.mean() - b.mean())
-    if a.var() == 0 and b.var() == 0:  # identical values within each group: any difference is exact
-        return t_test(diff, 0.0, math.nan, level)
+    if a.var() == 0 and b.var() == 0:
+        raise ValueError("Welch's test needs a spread: every value within each group is the same")
     with warnings.catch_warnings():  # one group of identical values: its variance is exactly 0, not a precision loss
         warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
         result = sps.ttest_ind(a, b, equal_var=False)
@@ -66,9 +66,9 @@ def welch(a, b, level: float = 0.95) -> Welch:
 
 
 def t_test(diff: float, se: float, df: float, level: float = 0.95) -> Welch:
-    """Two-sided t-test of ``diff`` with standard error ``se``; se 0 makes any difference exact."""
+    """Two-sided t-test of ``diff`` with standard error ``se`` (> 0)."""
     if se == 0:
-        return Welch(diff, diff, diff, math.copysign(math.inf, diff) if diff else 0.0, df, 0.0 if diff else 1.0)
+        raise ValueError("a t-test needs a spread: the standard error is 0")
     t = diff / se
     half = float(sps.t.ppf(0.5 + level / 2, df)) * se
     return Welch(diff, diff - half, diff + half, t, df, float(2 * sps.t.sf(abs(t), df)))

@@ -329,6 +329,10 @@ def test_seeds_that_score_exactly_alike_give_no_spread_to_test_against(recwarn):
     assert "**Not testable:** gn vs ln (the confirm seeds of ln score exactly alike" in text
     both_alike = compare([SimpleNamespace(name="a", test_values=[0.8, 0.8]), SimpleNamespace(name="b", test_values=[0.7, 0.7])])
     assert both_alike[0].test is None and "a and b score exactly alike" in both_alike[0].untestable
+    with pytest.raises(ValueError, match="needs a spread"):  # the tests themselves refuse a zero spread
+        stats.welch([0.8, 0.8], [0.7, 0.7])
+    with pytest.raises(ValueError, match="needs a spread"):
+        stats.single_run_test([0.8, 0.8], [0.7])
 
 
 def test_a_single_run_is_tested_against_the_other_norms_seeds():

@@ -107,7 +107,7 @@ def render_grid(report: dict, console) -> None:
     opts, rows = report["options"], report["rows"]
     what = "model" if opts["experiments"] else "width"
     title = ("training step by model" if opts["experiments"] else f"{opts['preset']} {opts['norm']}: training step by width")
-    table = Table(title=f"{title} ({report.get('cpu', 'cpu')}, {opts['threads']} thread(s), batch {opts['batch_size']}, median of {opts['repeats']} interleaved repeats)",
+    table = Table(title=f"{title} ({report['cpu']}, {opts['threads']} thread(s), batch {opts['batch_size']}, median of {opts['repeats']} interleaved repeats)",
                   title_justify="left")
     for col in (what, "conv channels", "params", "runtime", "images/s", "spread", f"vs {'' if opts['experiments'] else 'width '}{rows[0]['label']}"):
         table.add_column(col, justify="left" if col in (what, "conv channels", "runtime") else "right")
