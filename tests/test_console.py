@@ -1,0 +1,26 @@
+"""The per-epoch line: every field readable whatever its scale."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from bench.console import epoch_progress
+
+
+def epoch_line(lr: float) -> str:
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    record = {"train_loss": 1.5, "train_acc": 0.4, "val_loss": 1.4, "val_acc": 0.45, "lr": lr,
+              "epoch_seconds": 10.0, "images_per_s": 4500.0}
+    with epoch_progress(console, 2, 45000) as (_, on_epoch):
+        on_epoch(1, record)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("lr, shown", [(2e-5, "lr 2e-05 "), (2e-3, "lr 0.002 "), (0.0994, "lr 0.0994 "), (0.1, "lr 0.1 ")])
+def test_epoch_line_shows_small_learning_rates(lr, shown):
+    # AdamW's warm-up starts at lr / 100 (2e-5 for lr 2e-3), which four decimals printed as 0.0000.
+    assert shown in epoch_line(lr)
