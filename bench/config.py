@@ -25,6 +25,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 PRUNERS = ("halving", "median", "none")
+STEM_KINDS = ("conv", "patch", "whiten")  # convnext: 3x3 conv, 2x2 stride-2 patchify, frozen 2x2 whitening (models/stems.py)
 DROPOUT_AT = ("head", "blocks")  # resnet: dropout before the classifier, or between each block's two convs
 
 
@@ -47,6 +48,7 @@ class ModelConfig:
     dropout_at: str = "head"
     drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
     kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.4x faster on CPU)
+    stem_kind: str = "conv"  # convnext: one of STEM_KINDS
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
@@ -174,6 +176,7 @@ CHOICES = {
     "channels_last": ("auto", "on", "off"),
     "pruner": PRUNERS,
     "dropout_at": DROPOUT_AT,
+    "stem_kind": STEM_KINDS,
 }
 
 
@@ -350,6 +353,10 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"drop_path applies to preset convnext, not {m.preset!r}; set drop_path=0")
     if m.kernel != ModelConfig.kernel and m.preset != "convnext":
         raise ConfigError(f"kernel applies to preset convnext, not {m.preset!r}; remove it or set kernel={ModelConfig.kernel}")
+    if m.stem_kind != ModelConfig.stem_kind and m.preset != "convnext":
+        raise ConfigError(f"stem_kind applies to preset convnext, not {m.preset!r}; remove it or set stem_kind={ModelConfig.stem_kind}")
+    if m.stem_kind == "whiten" and m.stem:
+        raise ConfigError(f"stem = {m.stem}: the whitening stem has 24 channels (12 directions and their negatives); set stem=0")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 

@@ -16,8 +16,9 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from . import interrupt
 from .config import TrainConfig
 from .augment import batch_mixer
-from .data import CIFAR10, CLASSES, Split, eval_batches, train_batches
+from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batches
 from .errors import DivergedError
+from .models.stems import WHITEN_IMAGES, whitening_layers
 from .runtime import Runtime, resolve_runtime
 
 
@@ -41,8 +42,9 @@ class Result:
 
 def create_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD or AdamW; no weight decay on norm parameters (1-D tensors), as is usual for small CNNs."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    trained = [p for p in model.parameters() if p.requires_grad]  # not the whitening stem's frozen filters
+    decay = [p for p in trained if p.ndim > 1]
+    no_decay = [p for p in trained if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel per step instead of a loop over tensors: 1.13x the seed step alone (README, Speed).
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
@@ -212,6 +214,8 @@ def fit(
     generator = torch.Generator().manual_seed(cfg.seed)
     train_split = data.train.take(cfg.train_subset) if cfg.train_subset else data.train
     model.to(rt.device, memory_format=rt.memory_format)
+    for layer in whitening_layers(model):  # fitted to this run's training images before the first step
+        layer.fit(normalize(train_split.images[:WHITEN_IMAGES].to(rt.device)))
     optimizer = create_optimizer(model, cfg)
     steps_per_epoch = math.ceil(len(train_split) / cfg.batch_size)
     scheduler = create_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)

@@ -12,7 +12,8 @@ from .registry import create_model
 
 
 def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Frozen weights (the whitening stem's) count against the budget too: the model needs them.
+    return sum(p.numel() for p in model.parameters())
 
 
 def count_params_fast(**model_kwargs) -> int:

@@ -1,12 +1,12 @@
 """The ConvNeXt-style family: preset ``convnext``, an architecture in which LayerNorm is native.
 
-A small ConvNeXt (Liu et al. 2022) for 32x32 inputs: a 3x3 stem conv-norm at full resolution, three
-stages of inverted-bottleneck blocks (depthwise 7x7 conv, norm, 1x1 conv expanding 4x, GELU, 1x1 conv
+A small ConvNeXt (Liu et al. 2022) for 32x32 inputs: a stem (``stems``; by default a 3x3 conv-norm at
+full resolution), three stages of inverted-bottleneck blocks (depthwise 7x7 conv, norm, 1x1 conv expanding 4x, GELU, 1x1 conv
 projecting back, plus the identity), a norm and 2x2 stride-2 conv between stages (the ConvNeXt
 downsampling layer), then global average pooling, a norm, dropout and a linear classifier. There is
 one norm per block, as in ConvNeXt, and no layer scale. Its shape comes from the flat ``ModelConfig``
 fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``width``, ``norm``,
-``groups``, ``dropout``, ``kernel`` (the depthwise kernel) and ``drop_path`` (stochastic depth);
+``groups``, ``dropout``, ``kernel`` (the depthwise kernel), ``drop_path`` (stochastic depth) and ``stem_kind``;
 ``dropout_at`` does not apply.
 """
 
@@ -18,6 +18,7 @@ import torch.nn as nn
 from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
+from .stems import make_stem
 
 EXPANSION = 4
 
@@ -73,16 +74,16 @@ def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential
 
 class ConvNeXt(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
-                 dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0):
+                 dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0, stem_kind: str = "conv"):
         super().__init__()
         # ConvNeXt's rule: the drop rate rises linearly from 0 at the first block to drop_path at the last.
         # (Plain floats, not torch.linspace: the budget check builds the model on the meta device.)
         n = sum(blocks)
         rates = iter(drop_path * i / max(n - 1, 1) for i in range(n))
-        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, padding=1, bias=False), norm_layer(norm, stem, groups))
+        self.stem, stem = make_stem(stem_kind, stem, lambda channels: norm_layer(norm, channels, groups))
         stages = []
         for i, (in_ch, out_ch, n_blocks) in enumerate(zip((stem, *widths), widths, blocks)):
-            # Stage 1 stays at 32x32 and needs a 1x1 projection only when the stem is narrower or wider.
+            # Stage 1 keeps the stem's resolution and needs a 1x1 projection only when the stem is narrower or wider.
             entry = downsample(in_ch, out_ch, norm, groups) if i else (
                 nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity())
             stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates)) for _ in range(n_blocks))))
@@ -101,4 +102,4 @@ class ConvNeXt(nn.Module):
 def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
     stem, widths, blocks = staged_shape(cfg, "convnext")
-    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.kernel, cfg.drop_path)
+    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.kernel, cfg.drop_path, cfg.stem_kind)
