@@ -98,6 +98,13 @@ def wait_for_line(workers: list[Worker], text: str, timeout: float = 180) -> tup
     pytest.fail(f"no worker printed {text!r} in {timeout}s")
 
 
+def study_headers(output: str, name: str) -> int:
+    """How many workers opened the study (each prints its header once). Which of them then ran the
+    trials is a race, not asserted: on a loaded machine one worker can finish every trial before
+    another has imported torch (a fresh-clone CI run saw exactly that)."""
+    return sum(line.startswith(f"study '{name}' (") for line in output.splitlines())
+
+
 def mlflow_runs(tracking_uri: str, experiment: str) -> list:
     """Every run of the experiment, deleted ones included (a worker that lost the race to open the
     parent deletes its own: it must not be left RUNNING either)."""
@@ -161,7 +168,7 @@ def test_workers_share_one_postgres_study_under_one_parent_without_showing_the_p
     runs = mlflow_runs(server, name)
     parent, trial_runs = check_one_study(study, runs, n)
     assert len(trial_runs) == n
-    assert len({t.user_attrs["worker"] for t in study.trials}) >= 2, "the work was not shared"
+    assert [study_headers(text, name) for text in outputs] == [1, 1, 1], "\n\n".join(outputs)
     for text in outputs:
         assert "Traceback" not in text and "postgresql://bench:***@" in text
     assert parent.data.tags["bench.storage"] == tracking.mask_url(pg)
@@ -179,7 +186,7 @@ def test_jobs_2_on_postgres_runs_the_total_under_one_parent(servers, tmp_path):
     runs = mlflow_runs(server, name)
     parent, trial_runs = check_one_study(study, runs, n)
     assert len(trial_runs) == n and parent.data.tags["bench.jobs"] == "2"
-    assert len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert study_headers(launcher.output, name) == 2, launcher.output
     assert_secret_hidden(password_of(pg), [launcher.output], runs, server)
 
 
@@ -278,7 +285,8 @@ def test_jobs_2_on_the_journal_storage_runs_the_total_under_one_parent(tmp_path)
     assert launcher.wait() == 0, launcher.output
     study, runs = local_store(tmp_path)
     parent, trial_runs = check_one_study(study, runs, 2)
-    assert len(trial_runs) == 2 and len({t.user_attrs["worker"] for t in study.trials}) == 2
+    assert len(trial_runs) == 2
+    assert study_headers(launcher.output, "bn") == 2, launcher.output
     assert {"space.lr", "space.dropout", "trials_target"} <= set(parent.data.params)  # what the report's table reads
     where = [line for line in launcher.output.splitlines() if line.startswith("MLflow: experiment")]
     assert where == [f"MLflow: experiment 'bn', parent run {parent.info.run_id} at sqlite:///mlruns/mlflow.db; browse with `bench ui`"]  # once, not per worker
