@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import records, stats, tracking
+from ..console import plural
 from ..data import CLASSES
 from .numbers import NormSummary, trained_trials
 
@@ -158,7 +159,7 @@ def plot_confusion(summaries: list[NormSummary], preds: Predictions, path: Path)
             ax.text(j, i, str(count), ha="center", va="center", fontsize=6, color="white" if share[i, j] > 0.5 else "black")
         ax.set_xticks(range(len(CLASSES)), CLASSES, rotation=90, fontsize=7)
         ax.set_yticks(range(len(CLASSES)), CLASSES, fontsize=7)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{s.name} ({len(found)} run{'s' if len(found) != 1 else ''})")
+        ax.set(xlabel="predicted", ylabel="true", title=f"{s.name} ({plural(len(found), 'run')})")
     fig.savefig(path, dpi=120)
     return matrices
 

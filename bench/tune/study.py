@@ -18,6 +18,7 @@ from rich.console import Console
 import torch
 
 from .. import faults, interrupt, tracking
+from ..console import plural
 from ..config import Experiment
 from ..errors import BenchError, ConfigError, DivergedError, TrackingError
 from ..run import load_data
@@ -84,7 +85,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     recovered, requeued = ([], []) if os.environ.get("BENCH_PARENT_RUN_ID") else recover(study)  # `--jobs K`: the launcher did
     done, target = study_target(study, exp, opts)
     console.print(
-        f"study '{study.study_name}' ({exp.model.norm}, {epochs} epoch{'s' if epochs != 1 else ''}/trial, {pruner_label(exp, opts, epochs)}) "
+        f"study '{study.study_name}' ({exp.model.norm}, {plural(epochs, 'epoch')}/trial, {pruner_label(exp, opts, epochs)}) "
         f"in {storage_label(opts.storage)}: {done} finished, {max(target - done, 0)} to run"
         + (f"; recovered dead worker trial(s) {recovered}" if recovered else "")
         + (f"; re-queued failed trial(s) {requeued}" if requeued else "")
@@ -194,7 +195,7 @@ def pruner_label(exp: Experiment, opts: TuneOptions, epochs: int) -> str:
     if name == "halving":
         at = rungs(exp, epochs)
         if not at:  # trials shorter than min_epochs: nothing to compare before a trial ends
-            return f"successive halving: no rung within {epochs} epoch{'s' if epochs != 1 else ''}, every trial runs to the end"
+            return f"successive halving: no rung within {plural(epochs, 'epoch')}, every trial runs to the end"
         return f"successive halving at epochs {', '.join(map(str, at))} (best 1/{exp.tune.reduction_factor} go on)"
     return f"pruner {name}"
 
