@@ -80,3 +80,10 @@ def batch_mixer(mixup: float, cutmix: float, num_classes: int) -> Callable[[torc
     if not mixers:
         return lambda images, labels: (images, labels)
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+def shown_labels(targets: torch.Tensor) -> torch.Tensor:
+    """The class each training image mostly shows: its label, or under MixUp / CutMix the class with
+    the largest share of its soft target. Training accuracy is counted against these: against the
+    unmixed labels it halves under MixUp with a small alpha (half the batches are mostly the neighbour)."""
+    return targets.argmax(1) if targets.ndim == 2 else targets

@@ -15,7 +15,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import interrupt
 from .config import TrainConfig
-from .augment import batch_mixer
+from .augment import batch_mixer, shown_labels
 from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batches
 from .errors import DivergedError
 from .models.stems import WHITEN_IMAGES, whitening_layers
@@ -99,7 +99,7 @@ def train_one_epoch(
     mix = batch_mixer(cfg.mixup, cfg.cutmix, len(CLASSES))
     for step, (x, y) in enumerate(batches, 1):
         interrupt.check()
-        x, targets = mix(x, y)  # soft targets under mixup / cutmix; training accuracy stays against y
+        x, targets = mix(x, y)  # soft targets under mixup / cutmix
         with rt.autocast:
             logits = model(x)
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
@@ -110,7 +110,7 @@ def train_one_epoch(
         if ema is not None:
             ema.update_parameters(model)
         total_loss += loss.detach() * len(y)
-        correct += (logits.argmax(1) == y).sum()
+        correct += (logits.argmax(1) == shown_labels(targets)).sum()
         seen += len(y)
         if step % 20 == 0:
             _check_finite(total_loss, step, optimizer)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import config
-from bench.augment import ERASING_SCALE, batch_mixer, random_erasing
+from bench.augment import ERASING_SCALE, batch_mixer, random_erasing, shown_labels
 from bench.config import TrainConfig
 from bench.errors import ConfigError
 from bench.models import create_model
@@ -84,6 +84,20 @@ def test_cutmix_pastes_a_box_and_weights_the_targets_by_its_area():
     pasted = from_neighbour[0].all(0).float().mean()
     one_hot = F.one_hot(y, 10).float()
     assert torch.allclose(targets, (1 - pasted) * one_hot + pasted * one_hot.roll(1, 0), atol=1e-6)
+
+
+def test_training_accuracy_counts_the_class_each_mixed_image_mostly_shows():
+    x, y = batch(b=8)
+    assert shown_labels(y) is y
+    for seed in range(50):  # a batch whose images are mostly their neighbour's (lam < 0.5)
+        torch.manual_seed(seed)
+        _, targets = batch_mixer(0.2, 0.0, 10)(x, y)
+        lam = float(targets[0, y[0]]) if y[0] != y[-1] else float(targets[1, y[1]])
+        if lam < 0.45:
+            break
+    assert lam < 0.45
+    differ = y != y.roll(1)
+    assert torch.equal(shown_labels(targets)[differ], y.roll(1)[differ])
 
 
 def test_with_both_each_batch_uses_one_of_the_two():
