@@ -17,6 +17,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +29,9 @@ import torch
 # The machine has few cores and may be training in the background: keep the suite to one thread.
 torch.set_num_threads(1)
 os.environ.setdefault("BENCH_THREADS", "1")
+# A suite started in the background (`cmd &` in a script, nohup) inherits SIGINT ignored, and so would
+# every `bench` process the tests start; the Ctrl-C tests need the terminal's default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_CANDIDATES = [Path("/work/shared/data/cifar10"), REPO.parent / "shared" / "data" / "cifar10"]
