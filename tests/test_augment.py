@@ -56,6 +56,13 @@ def test_erasing_probability_sets_the_share_of_images_touched():
 # ---------------------------------------------------------------- mixup / cutmix
 
 
+def own_share(targets: torch.Tensor, y: torch.Tensor) -> float:
+    """MixUp's lam: the weight of an image's own label, read where it differs from its neighbour's
+    (torchvision mixes image i with image i-1)."""
+    i = 0 if y[0] != y[-1] else 1
+    return float(targets[i, y[i]])
+
+
 def test_without_mixing_the_batch_and_labels_pass_unchanged():
     x, y = batch()
     out, targets = batch_mixer(0.0, 0.0, 10)(x, y)
@@ -68,8 +75,7 @@ def test_mixup_blends_each_image_with_its_neighbour_and_its_targets_sum_to_one()
     out, targets = batch_mixer(0.4, 0.0, 10)(x, y)
     assert targets.shape == (8, 10) and torch.allclose(targets.sum(1), torch.ones(8))
     one_hot = F.one_hot(y, 10).float()
-    lam = float(targets[0, y[0]]) if y[0] != y[-1] else None  # torchvision mixes image i with image i-1
-    lam = lam if lam is not None else float((targets[1] * one_hot[1]).sum())
+    lam = own_share(targets, y)
     assert torch.allclose(targets, lam * one_hot + (1 - lam) * one_hot.roll(1, 0), atol=1e-6)
     assert torch.allclose(out, lam * x + (1 - lam) * x.roll(1, 0), atol=1e-5)
 
@@ -92,7 +98,7 @@ def test_training_accuracy_counts_the_class_each_mixed_image_mostly_shows():
     for seed in range(50):  # a batch whose images are mostly their neighbour's (lam < 0.5)
         torch.manual_seed(seed)
         _, targets = batch_mixer(0.2, 0.0, 10)(x, y)
-        lam = float(targets[0, y[0]]) if y[0] != y[-1] else float(targets[1, y[1]])
+        lam = own_share(targets, y)
         if lam < 0.45:
             break
     assert lam < 0.45
