@@ -61,7 +61,7 @@ def experiment_options(f):
     """Options shared by every command that builds a model or trains: experiment file and overrides."""
     options = [
         click.option("--experiment", "-e", "experiment_file", type=click.Path(dir_okay=False), help="Experiment TOML (default: experiments/<norm>.toml)."),
-        click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnchw (seed LayerNorm)."),
+        click.option("--norm", type=click.Choice((*config_mod.NORMS, "all")), help="Normalisation: bn, gn, ln (GroupNorm with 1 group), lnc (LayerNorm over channels, ConvNeXt's), lnchw (seed LayerNorm)."),
         click.option("--preset", cls=PresetOption),
         click.option("--width", type=Hyperparameter("width"), help="Width multiplier on the preset's channels."),
         click.option("--groups", type=Hyperparameter("groups"), help="GroupNorm groups."),

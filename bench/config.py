@@ -19,7 +19,7 @@ from typing import Any
 from .errors import ConfigError
 from .rules import MAX_BATCH, RULES, SEED_MAX, check_value  # noqa: F401  (re-exported: config.SEED_MAX ...)
 
-NORMS = ("bn", "gn", "ln", "lnchw")
+NORMS = ("bn", "gn", "ln", "lnc", "lnchw")
 STUDY_NORMS = ("bn", "gn", "ln")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -361,7 +361,8 @@ def validate(exp: Experiment) -> None:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 
 
-EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn"}  # the seed LayerNorm only fits the budget in its own topology
+# The seed LayerNorm only fits the budget in its own topology; ConvNeXt's channel LayerNorm is studied in its family.
+EXPERIMENT_FOR_NORM = {"lnchw": "seed_gn", "lnc": "convnext_lnc"}
 
 
 def norm_experiment(norm: str | None) -> str:

@@ -44,6 +44,18 @@ class Dropout(nn.Dropout):
         return x * torch.where(keep, scale, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
+class ChannelLayerNorm(nn.LayerNorm):
+    """ConvNeXt's LayerNorm: each position's C values normalised on their own, per-channel affine
+    (timm's ``LayerNorm2d``). Unlike ``ln`` (one group over C,H,W) it keeps no statistic shared across
+    positions. On a channels-last tensor both permutes are free views."""
+
+    def __init__(self, channels: int):
+        super().__init__(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
 def make_norm(norm: str, channels: int, spatial: int, groups: int) -> nn.Module:
     """The normalisation layer for ``channels`` feature maps of side ``spatial``."""
     if norm == "bn":
@@ -56,6 +68,8 @@ def make_norm(norm: str, channels: int, spatial: int, groups: int) -> nn.Module:
         return nn.GroupNorm(groups, channels)
     if norm == "ln":  # layer norm over (C,H,W) with per-channel affine, as used in CNNs
         return nn.GroupNorm(1, channels)
+    if norm == "lnc":  # layer norm over C at each position, as in ConvNeXt and transformers
+        return ChannelLayerNorm(channels)
     if norm == "lnchw":  # the seed's LayerNorm over (C,H,W) with a per-position affine
         return nn.LayerNorm([channels, spatial, spatial])
     raise BudgetError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
