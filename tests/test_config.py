@@ -36,6 +36,10 @@ def test_one_experiment_file_per_norm():
     for norm in ("bn", "gn", "ln"):
         assert load(find_experiment(norm, [EXPERIMENTS])).model.norm == norm
     assert load(EXPERIMENTS / "seed_gn.toml").model.preset == "seed_gn"
+    # The norms that only fit their own family: --norm lnchw trains seed_gn.toml, --norm lnc convnext_lnc.toml.
+    for norm, preset in (("lnchw", "seed_gn"), ("lnc", "convnext")):
+        exp = load(find_experiment(config.norm_experiment(norm), [EXPERIMENTS]))
+        assert (exp.model.norm, exp.model.preset) == (norm, preset)
 
 
 @pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("*.toml")), ids=lambda p: p.stem)

@@ -14,10 +14,11 @@ from bench.config import load, override
 from bench.errors import BudgetError, ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model, list_models
 from bench.models.convnext import DepthwiseConv2d
+from bench.models.layers import ChannelLayerNorm, make_norm
 
 KERNEL = 7  # ConvNeXt's, the default
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-NORMS = ("bn", "gn", "ln")
+NORMS = ("bn", "gn", "ln", "lnc")
 DEFAULT_SHAPE = {"width1": 16, "width2": 32, "width3": 48, "blocks1": 2, "blocks2": 1, "blocks3": 1}
 DEFAULT_PARAMS = 46_410
 
@@ -130,6 +131,23 @@ def test_forward_gives_logits_in_both_memory_layouts(norm):
     assert not torch.allclose(out[0], out[1])
     torch.testing.assert_close(out_cl, out, atol=1e-4, rtol=1e-4)
     assert model.train()(x).shape == (4, 10)
+
+
+def test_channel_layernorm_normalises_each_position_over_the_channels_only():
+    """lnc is ConvNeXt's LayerNorm: every (image, row, column) has mean 0 and variance 1 over C, in either
+    layout and under bf16 autocast; ln (one group over C,H,W) only reaches that per image."""
+    lnc, ln = make_norm("lnc", 8, 0, 4), make_norm("ln", 8, 0, 4)
+    assert isinstance(lnc, ChannelLayerNorm) and [p.shape for p in lnc.parameters()] == [(8,), (8,)]
+    x = torch.randn(2, 8, 5, 5) * torch.linspace(0.1, 5, 25).view(1, 1, 5, 5) + 3  # positions of unequal scale
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = lnc(x.contiguous(memory_format=layout))
+        assert out.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(out.mean(1), torch.zeros(2, 5, 5), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.var(1, unbiased=False), torch.ones(2, 5, 5), atol=1e-3, rtol=0)
+    assert ln(x).var(1, unbiased=False).std() > 0.5  # per position the spread still follows the input's scale
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lnc(x.contiguous(memory_format=torch.channels_last))
+    assert torch.isfinite(out).all() and abs(out.float().mean(1)).max() < 0.05
 
 
 def test_seed_layernorm_is_refused():

@@ -22,7 +22,7 @@ from conftest import module_store
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000, "tta_shift": 0}
-NORMS = ("bn", "gn", "ln")
+NORMS = ("bn", "gn", "ln", "lnc")
 
 
 def invoke(*args: str):
@@ -86,5 +86,6 @@ def test_each_norm_is_confirmed_with_two_seeds_and_the_report_tests_every_pair(c
         row = next(line for line in text.splitlines() if line.startswith(f"| convnext_{norm} |"))
         assert "(n=2)" in row
     verdicts = [line for line in text.splitlines() if line.startswith("- convnext_") and " − " in line]
-    assert [v.split(" = ")[0] for v in verdicts] == ["- convnext_bn − convnext_gn", "- convnext_bn − convnext_ln", "- convnext_gn − convnext_ln"]
+    pairs = [f"- convnext_{a} − convnext_{b}" for i, a in enumerate(NORMS) for b in NORMS[i + 1:]]
+    assert [v.split(" = ")[0] for v in verdicts] == pairs and len(pairs) == 6
     assert all("Holm-adjusted p" in v for v in verdicts)

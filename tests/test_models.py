@@ -109,7 +109,7 @@ SEED_GN_TABLE = """
 """
 
 ROW = re.compile(r"^\s*(\w+)-\d+\s+\[-1, ([\d, ]+)\]\s+([\d,]+)\s*$")
-NORMS_PER_PRESET = {"seed_bn": ["bn", "gn", "ln"], "seed_gn": ["bn", "gn", "ln", "lnchw"]}
+NORMS_PER_PRESET = {"seed_bn": ["bn", "gn", "ln", "lnc"], "seed_gn": ["bn", "gn", "ln", "lnc", "lnchw"]}
 
 
 def parse_table(text: str) -> list[tuple[str, tuple[int, ...], int]]:

@@ -47,13 +47,15 @@ class Dropout(nn.Dropout):
 class ChannelLayerNorm(nn.LayerNorm):
     """ConvNeXt's LayerNorm: each position's C values normalised on their own, per-channel affine
     (timm's ``LayerNorm2d``). Unlike ``ln`` (one group over C,H,W) it keeps no statistic shared across
-    positions. On a channels-last tensor both permutes are free views."""
+    positions. On a channels-last tensor both permutes are free views; an NCHW tensor gets NCHW back."""
 
     def __init__(self, channels: int):
         super().__init__(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last)
+        return out.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def make_norm(norm: str, channels: int, spatial: int, groups: int) -> nn.Module:
