@@ -16,6 +16,7 @@ from .config import TrainConfig
 
 # Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
 # seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW in the seed and residual models.
+# lnc normalises over the channels, which are contiguous in channels-last (NCHW costs a copy each way).
 CHANNELS_LAST_BY_NORM = {"bn": True, "gn": False, "ln": True, "lnc": True, "lnchw": False}
 # The ConvNeXt family trains channels-last with every norm: its float32 depthwise convs are 2-4x
 # faster in that layout, which outweighs GroupNorm's preference (docs/convnext.md: 2.1x overall with gn).
