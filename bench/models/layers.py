@@ -45,12 +45,9 @@ class Dropout(nn.Dropout):
 
 
 class ChannelLayerNorm(nn.LayerNorm):
-    """ConvNeXt's LayerNorm: each position's C values normalised on their own, per-channel affine
-    (timm's ``LayerNorm2d``). Unlike ``ln`` (one group over C,H,W) it keeps no statistic shared across
-    positions. On a channels-last tensor both permutes are free views; an NCHW tensor gets NCHW back."""
-
-    def __init__(self, channels: int):
-        super().__init__(channels)
+    """``ChannelLayerNorm(C)``, ConvNeXt's LayerNorm: each position's C values normalised on their own,
+    per-channel affine (timm's ``LayerNorm2d``). Unlike ``ln`` (one group over C,H,W) it keeps no statistic
+    shared across positions. On a channels-last tensor both permutes are free views; NCHW gets NCHW back."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
