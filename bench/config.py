@@ -45,6 +45,8 @@ class ModelConfig:
     blocks1: int = 0  # per-stage block counts; 0 = blocks
     blocks2: int = 0
     blocks3: int = 0
+    stride2: int = 2  # resnet: stride at the start of stage 2 (2 halves the resolution, 1 keeps it)
+    stride3: int = 2  # and of stage 3; 1 puts a stage's parameters at 4x the positions, 4x the multiply-adds
     dropout_at: str = "head"
     drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
     kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.4x faster on CPU)
@@ -353,6 +355,9 @@ def validate(exp: Experiment) -> None:
         raise ConfigError(f"drop_path applies to preset convnext, not {m.preset!r}; set drop_path=0")
     if m.kernel != ModelConfig.kernel and m.preset != "convnext":
         raise ConfigError(f"kernel applies to preset convnext, not {m.preset!r}; remove it or set kernel={ModelConfig.kernel}")
+    for name in ("stride2", "stride3"):
+        if getattr(m, name) != getattr(ModelConfig, name) and m.preset != "resnet":
+            raise ConfigError(f"{name} applies to preset resnet, not {m.preset!r}; remove it or set {name}=2")
     if m.stem_kind != ModelConfig.stem_kind and m.preset != "convnext":
         raise ConfigError(f"stem_kind applies to preset convnext, not {m.preset!r}; remove it or set stem_kind={ModelConfig.stem_kind}")
     if m.stem_kind == "whiten" and m.stem:

@@ -116,6 +116,30 @@ def test_structure_stem_stages_projections_head():
     assert isinstance(model.classifier, nn.Linear) and model.classifier.in_features == 40
 
 
+@pytest.mark.parametrize("stride2,stride3,sides", [(2, 2, (32, 16, 8)), (2, 1, (32, 16, 16)), (1, 2, (32, 32, 16)), (1, 1, (32, 32, 32))])
+def test_stage_strides_move_the_resolution_not_the_parameter_count(stride2, stride3, sides):
+    model = create_model("resnet", "bn", stride2=stride2, stride3=stride3)
+    sizes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-1]))
+    assert model.eval()(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert tuple(sizes) == sides
+    assert count_params(model) == count_params_fast(preset="resnet", stride2=stride2, stride3=stride3) == DEFAULT_PARAMS
+    # a stage without downsampling but a width change still gets its projection shortcut
+    assert [isinstance(stage[0].shortcut, nn.Identity) for stage in model.stages] == [True, False, False]
+
+
+def test_a_stride_one_stage_costs_four_times_the_multiply_adds():
+    def stage3_mult_adds(**kwargs) -> int:
+        model, counts = create_model("resnet", "bn", **kwargs).eval(), []
+        for conv in (m for m in model.stages[2].modules() if isinstance(m, nn.Conv2d)):
+            conv.register_forward_hook(lambda m, i, o: counts.append(o.shape[-1] * o.shape[-2] * m.weight.numel()))
+        model(torch.zeros(1, 3, 32, 32))
+        return sum(counts)
+
+    assert stage3_mult_adds(stride3=1) == 4 * stage3_mult_adds()
+
+
 def test_per_stage_block_counts_override_blocks():
     model = create_model("resnet", "bn", blocks=2, blocks1=3, blocks3=1)
     assert [len(stage) for stage in model.stages] == [3, 2, 1]
@@ -234,6 +258,8 @@ def test_sampled_over_budget_architecture_is_caught_before_any_model_is_built(no
     ({"blocks2": -1}, "blocks2 must be >= 0"),
     ({"dropout_at": "stem"}, "dropout_at: 'stem' is not one of head, blocks"),
     ({"ema": 1.0}, r"ema must be in \[0, 1\)"),
+    ({"stride3": 3}, "stride3 must be 1 or 2"),
+    ({"preset": "convnext", "stride2": 1}, "stride2 applies to preset resnet, not 'convnext'; remove it or set stride2=2"),
 ])
 def test_bad_residual_and_recipe_fields_are_config_errors(assignment, message):
     with pytest.raises(ConfigError, match=message):

@@ -2,9 +2,9 @@
 
 A post-activation CIFAR ResNet (He et al. 2016): a 3x3 stem conv-norm-ReLU, three stages of basic
 blocks (conv-norm-ReLU-conv-norm, plus the shortcut, then ReLU), stride 2 at the start of stages 2
-and 3 with a 1x1 conv-norm projection shortcut wherever channels or resolution change, global average
+and 3 (``stride2``, ``stride3``: 1 keeps the resolution, same parameters, 4x the multiply-adds) with a 1x1 conv-norm projection shortcut wherever channels or resolution change, global average
 pooling, dropout and a linear classifier. Its shape comes from the flat ``ModelConfig`` fields
-``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``) and ``dropout_at``.
+``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``stride2..3`` and ``dropout_at``.
 """
 
 from __future__ import annotations
@@ -50,13 +50,13 @@ def make_stage(in_ch: int, out_ch: int, blocks: int, stride: int, norm: str, gro
 
 class ResNet(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
-                 dropout: float = 0.0, dropout_at: str = "head"):
+                 dropout: float = 0.0, dropout_at: str = "head", strides: tuple[int, ...] = (1, 2, 2)):
         super().__init__()
         block_dropout = dropout if dropout_at == "blocks" else 0.0
         self.stem = nn.Sequential(*conv_norm(3, stem, 3, 1, norm, groups), nn.ReLU())
         self.stages = nn.Sequential(*(
-            make_stage(in_ch, out_ch, n_blocks, 1 if i == 0 else 2, norm, groups, block_dropout)
-            for i, (in_ch, out_ch, n_blocks) in enumerate(zip((stem, *widths), widths, blocks))
+            make_stage(in_ch, out_ch, n_blocks, stride, norm, groups, block_dropout)
+            for in_ch, out_ch, n_blocks, stride in zip((stem, *widths), widths, blocks, strides)
         ))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = Dropout(dropout if dropout_at == "head" else 0.0)
@@ -72,7 +72,8 @@ def resnet(cfg: ModelConfig) -> ResNet:
     stem, widths, blocks = staged_shape(cfg, "residual models")
     if cfg.dropout_at not in DROPOUT_AT:
         raise BudgetError(f"dropout_at {cfg.dropout_at!r} is not one of {', '.join(DROPOUT_AT)}")
-    return ResNet(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at)
+    strides = (1, cfg.stride2, cfg.stride3)
+    return ResNet(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.dropout_at, strides)
 
 
 # The named shapes are listed here so --preset shows them; create_model has turned them into
