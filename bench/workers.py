@@ -24,7 +24,7 @@ def threads_per_worker(jobs: int, threads: int | None = None) -> int:
 def run_all(cmds: list[list[str]], envs: list[dict[str, str]] | None = None) -> tuple[list[int], bool]:
     """Start every command and wait for all: (exit codes, interrupted). SIGINT from a terminal reaches
     the workers by itself; SIGTERM is forwarded, so each worker can record its work before exiting."""
-    workers = [subprocess.Popen(cmd, env=env) for cmd, env in zip(cmds, envs or [None] * len(cmds))]
+    workers: list[subprocess.Popen] = []
 
     def forward_sigterm(signum, frame):
         for w in workers:
@@ -32,8 +32,11 @@ def run_all(cmds: list[list[str]], envs: list[dict[str, str]] | None = None) -> 
                 w.send_signal(signal.SIGTERM)
         raise KeyboardInterrupt
 
+    # Installed before the first worker starts: a SIGTERM in between would kill this process and orphan them.
     previous = signal.signal(signal.SIGTERM, forward_sigterm)
     try:
+        for cmd, env in zip(cmds, envs or [None] * len(cmds)):
+            workers.append(subprocess.Popen(cmd, env=env))
         return [w.wait() for w in workers], False
     except KeyboardInterrupt:  # the workers got the signal too; let them finish recording
         return [w.wait() for w in workers], True

@@ -321,7 +321,7 @@ def test_workers_get_sigterm_forwarded_and_the_launcher_reports_the_interrupt(tm
         "import sys\n"
         "from bench.workers import run_all\n"
         "child = [sys.executable, '-c', 'import signal, sys, time; "
-        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); print(\"ready\", flush=True); time.sleep(60)']\n"
+        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(7)); sys.stdout.write(\"ready\\\\n\"); sys.stdout.flush(); time.sleep(60)']\n"
         "codes, interrupted = run_all([child, child])\n"
         "print('codes', codes, 'interrupted', interrupted, flush=True)\n"
     )
