@@ -353,5 +353,6 @@ def test_random_bytes_are_uniform_in_every_byte_of_the_draw():
 def test_make_summary_lists_layers_and_total():
     text = make_summary(create_model("seed_gn"))
     assert "47,236" in text
+    assert re.search(r"Total mult-adds \(M\): \d+\.\d\d\n", text) and "Units." not in text
     assert text.count("LayerNorm") == 8
     assert "[1, 16, 6, 6]" in text

@@ -51,5 +51,8 @@ def max_width(max_params: int, **model_kwargs) -> float:
 def make_summary(model: nn.Module) -> str:
     """Per-layer table (layer, output shape, parameters) for one CIFAR-10 image, as torchinfo prints it."""
     from torchinfo import summary
+    from torchinfo.enums import Units
 
-    return str(summary(model, input_size=(1, 3, 32, 32), col_names=("output_size", "num_params"), depth=3, verbose=0, device="cpu"))
+    text = str(summary(model, input_size=(1, 3, 32, 32), col_names=("output_size", "num_params"), depth=3, verbose=0, device="cpu"))
+    # torchinfo 1.8 formats its unit enum by name on Python >= 3.11: "mult-adds (Units.MEGABYTES)" means "(M)".
+    return text.replace(f"({Units.MEGABYTES})", "(M)").replace(f"({Units.GIGABYTES})", "(G)")
