@@ -2,8 +2,9 @@
 
 A post-activation CIFAR ResNet (He et al. 2016): a 3x3 stem conv-norm-ReLU, three stages of basic
 blocks (conv-norm-ReLU-conv-norm, plus the shortcut, then ReLU), stride 2 at the start of stages 2
-and 3 (``stride2``, ``stride3``: 1 keeps the resolution, same parameters, 4x the multiply-adds) with a 1x1 conv-norm projection shortcut wherever channels or resolution change, global average
-pooling, dropout and a linear classifier. Its shape comes from the flat ``ModelConfig`` fields
+and 3 (``stride2``, ``stride3``: 1 keeps the resolution, same parameters, 4x the multiply-adds) with a
+1x1 conv-norm projection shortcut wherever channels or resolution change, global average pooling,
+dropout and a linear classifier. Its shape comes from the flat ``ModelConfig`` fields
 ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``stride2..3`` and ``dropout_at``.
 """
 
