@@ -180,6 +180,8 @@ CHOICES = {
     "dropout_at": DROPOUT_AT,
     "stem_kind": STEM_KINDS,
 }
+# Model fields only one family reads: set away from their default on another preset, they are an error.
+FAMILY_FIELDS = {"drop_path": "convnext", "kernel": "convnext", "stem_kind": "convnext", "stride2": "resnet", "stride3": "resnet"}
 
 
 def _field_types(cls) -> dict[str, type]:
@@ -351,15 +353,11 @@ def validate(exp: Experiment) -> None:
         raise ConfigError("lr_warmup_epochs: onecycle has its own warm-up; use schedule=cosine or set lr_warmup_epochs=0")
     if t.lr_warmup_epochs >= t.epochs:
         raise ConfigError(f"lr_warmup_epochs ({t.lr_warmup_epochs:g}) must be below epochs ({t.epochs}); shorten the warm-up")
-    if m.drop_path and m.preset != "convnext":
-        raise ConfigError(f"drop_path applies to preset convnext, not {m.preset!r}; set drop_path=0")
-    if m.kernel != ModelConfig.kernel and m.preset != "convnext":
-        raise ConfigError(f"kernel applies to preset convnext, not {m.preset!r}; remove it or set kernel={ModelConfig.kernel}")
-    for name in ("stride2", "stride3"):
-        if getattr(m, name) != getattr(ModelConfig, name) and m.preset != "resnet":
-            raise ConfigError(f"{name} applies to preset resnet, not {m.preset!r}; remove it or set {name}=2")
-    if m.stem_kind != ModelConfig.stem_kind and m.preset != "convnext":
-        raise ConfigError(f"stem_kind applies to preset convnext, not {m.preset!r}; remove it or set stem_kind={ModelConfig.stem_kind}")
+    for name, preset in FAMILY_FIELDS.items():
+        default = getattr(ModelConfig, name)
+        if getattr(m, name) != default and m.preset != preset:
+            shown = f"{default:g}" if isinstance(default, float) else default
+            raise ConfigError(f"{name} applies to preset {preset}, not {m.preset!r}; remove it or set {name}={shown}")
     if m.stem_kind == "whiten" and m.stem:
         raise ConfigError(f"stem = {m.stem}: the whitening stem has 24 channels (12 directions and their negatives); set stem=0")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
