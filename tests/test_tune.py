@@ -191,7 +191,10 @@ def test_resuming_with_changed_fixed_settings_is_refused_before_any_trial(store)
         run_study(config.override(copy.deepcopy(exp), tta_shift=changed), TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1))
     with pytest.raises(ConfigError, match=r"epochs 1 -> 2"):
         run_study(exp, TuneOptions(trials=3, epochs=2, data_dir=data_dir(), threads=1))
+    with pytest.raises(ConfigError, match=r"norm bn -> gn"):
+        run_study(config.override(copy.deepcopy(exp), norm="gn"), TuneOptions(trials=3, epochs=1, data_dir=data_dir(), threads=1, study="bn"))
     assert len(load_study("bn").trials) == 2
+    assert load_study("bn").user_attrs["norm"] == "bn"  # a refused run does not relabel the study
 
 
 def test_a_study_older_than_the_record_is_checked_against_its_last_trained_trial(store):

@@ -44,17 +44,24 @@ def prepare_study(exp: Experiment, opts: TuneOptions) -> tuple[optuna.Study, boo
     try:
         study, created = create_or_load(storage, opts.study or exp.name, create_sampler(exp, opts.seed),
                                         create_pruner(opts.pruner or exp.tune.pruner, exp))
+    except Exception as err:
+        raise storage_error(opts, err) from None
+    check_search_space(study, exp)
+    check_fixed_recipe(study, exp, trial_epochs(exp, opts))
+    try:  # only once the checks pass: a refused run leaves the study's labels as they were
         study.set_user_attr("norm", exp.model.norm)
         study.set_user_attr("experiment", exp.name)
         with warnings.catch_warnings(action="ignore", category=optuna.exceptions.ExperimentalWarning):
             study.set_metric_names(["val_acc"])  # optuna-dashboard labels the objective with it
     except Exception as err:
-        raise TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({faults.root_cause(err)}); check it is reachable") from None
-    check_search_space(study, exp)
-    check_fixed_recipe(study, exp, trial_epochs(exp, opts))
+        raise storage_error(opts, err) from None
     if created:
         enqueue_baseline(study, exp)
     return study, created
+
+
+def storage_error(opts: TuneOptions, err: Exception) -> TrackingError:
+    return TrackingError(f"Optuna storage {storage_label(opts.storage)} failed ({faults.root_cause(err)}); check it is reachable")
 
 
 def create_or_load(storage, name: str, sampler, pruner) -> tuple[optuna.Study, bool]:
