@@ -4,7 +4,8 @@
 Each run is nested under the study parent run that holds the best trial (``mlflow.parentRunId``),
 so the MLflow UI shows it beside the trials, and carries ``bench.source_run_id`` (the trial run),
 ``bench.study_run_id`` and ``bench.recipe`` (epochs and overrides). Re-running skips the seeds or
-batch sizes already finished with the same recipe, so an interrupted confirmation resumes.
+batch sizes already finished with the same recipe, so an interrupted confirmation resumes; a seed
+cut off mid-run continues in its own MLflow run from its last epoch (``bench.checkpoint``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from . import interrupt, records, tracking, workers
+from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config
 from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
@@ -75,20 +77,51 @@ class Trainer:
             self._data[exp.train.val_size] = load_data(exp, self.opts.data_dir, self.opts.download)
         return self._data[exp.train.val_size]
 
-    def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, tags: dict[str, Any]) -> str:
+    def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, key: dict[str, Any]) -> str:
+        """One run of ``kind`` identified by ``key`` (its seed or batch size and recipe tags); an
+        unfinished one with a checkpoint here is resumed instead of started again."""
         rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device), exp.model.preset)
         data = self.data(exp)
         tags = {
             records.TAG_STUDY_RUN: record.best_parent_id,
             records.TAG_SOURCE_RUN: record.best.info.run_id, tracking.TAG_STUDY: record.study,
-            "bench.source_trial": records.trial_number(record.best), **tags,
+            "bench.source_trial": records.trial_number(record.best), **key,
         }
         label = f"{record.norm} {name} "
-        with tracking.run(record.study, name, kind, tags=tags, parent_run_id=record.best_parent_id or None) as active:
-            _, result = train_tracked(exp, data, rt, console=self.console, label=label)
+        config = run_config(exp.hyperparameters())
+        unfinished, checkpoint, epochs_done = resumable_run(record, kind, key, config) or (None, None, 0)
+        try:
+            with tracking.run(record.study, name, kind, tags=tags, parent_run_id=record.best_parent_id or None,
+                              run_id=unfinished.info.run_id if unfinished else None) as active:
+                if unfinished:
+                    tracking.mark_resumed(unfinished, epochs_done)
+                    self.console.print(f"{label}resuming run {active.info.run_id} after epoch {epochs_done}/{exp.train.epochs}")
+                else:
+                    checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)
+                    checkpoint.lock()
+                _, result = train_tracked(exp, data, rt, console=self.console, label=label, checkpoint=checkpoint, resumed_epochs=epochs_done)
+        finally:
+            if checkpoint is not None:
+                checkpoint.unlock()
+        checkpoint.remove()
         self.console.print(f"{label}val acc {result.best_val_acc:.4f}  test acc {result.test_acc:.4f}  "
                            f"{result.seconds:.0f}s  run {active.info.run_id}")
         return active.info.run_id
+
+
+def resumable_run(record: StudyRecord, kind: str, key: dict[str, Any], config: dict[str, str]) -> tuple[Any, EpochCheckpoint, int] | None:
+    """(run, its checkpoint, epochs done): the newest unfinished run of this key whose checkpoint is in
+    this machine's checkpoint folder, trained with ``config``, and held by no live process; else None."""
+    where = f"tags.`{records.TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status != 'FINISHED'"
+    for run in tracking.search_runs(record.study, kind, where):
+        if any(run.data.tags.get(tag) != str(value) for tag, value in key.items()):
+            continue
+        checkpoint = EpochCheckpoint(checkpoint_dir() / f"{run.info.run_id}.pt", config)
+        if checkpoint.path.exists() and checkpoint.lock():
+            if (state := checkpoint.load()) is not None:
+                return run, checkpoint, state["epoch"]
+            checkpoint.unlock()
+    return None
 
 
 def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
@@ -138,7 +171,7 @@ def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: st
         raise KeyboardInterrupt
     if any(codes):
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} confirm workers failed (exit codes {codes}); "
-                            "finished seeds are kept, re-run the same command to resume")
+                            "finished seeds are kept and unfinished ones continue from their last epoch; re-run the same command")
     finished = finished_runs(record, "confirm", records.TAG_SEED, text)
     return [finished[seed].info.run_id for seed in todo if seed in finished]
 

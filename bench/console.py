@@ -37,14 +37,15 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], lef
 
 
 @contextlib.contextmanager
-def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = ""):
-    """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks."""
+def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = "", first_epoch: int = 1):
+    """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks.
+    ``first_epoch`` > 1 for a resumed run: the estimate counts only the epochs trained here."""
     if console is None:
         yield None, lambda epoch, record: None
         return
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn()]
     with Progress(*columns, console=console, transient=True) as progress:
-        state = {"task": progress.add_task(f"{label}epoch 1/{epochs}", total=images_per_epoch, stats="")}
+        state = {"task": progress.add_task(f"{label}epoch {first_epoch}/{epochs}", total=images_per_epoch, stats="")}
         start = time.perf_counter()
 
         def on_step(seen: int, loss: float, acc: float) -> None:
@@ -55,7 +56,7 @@ def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, 
                 f"{label}epoch {epoch:>3}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.4f}"
                 f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}  lr {record['lr']:.3g}"
                 f"  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
-                + (f"  eta {duration((time.perf_counter() - start) / epoch * (epochs - epoch))}" if epoch < epochs else "")
+                + (f"  eta {duration((time.perf_counter() - start) / (epoch - first_epoch + 1) * (epochs - epoch))}" if epoch < epochs else "")
             )
             progress.reset(state["task"], description=f"{label}epoch {epoch + 1}/{epochs}", stats="")
 

@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import interrupt, tracking
+from .checkpoint import EpochCheckpoint
 from .config import Experiment
 from .console import epoch_progress, table
 from .data import CIFAR10, load_cifar10
@@ -43,12 +44,15 @@ def train_tracked(
     label: str = "",
     track: bool = True,
     registered_name: str | None = None,
+    checkpoint: EpochCheckpoint | None = None,
+    resumed_epochs: int = 0,
 ) -> tuple[torch.nn.Module, Result]:
     """Train ``exp`` inside the active MLflow run (if ``track``), logging params, per-epoch metrics,
-    the final test metrics and the model. ``on_epoch`` runs after each epoch's metrics are logged."""
+    the final test metrics and the model. ``on_epoch`` runs after each epoch's metrics are logged.
+    ``checkpoint``: see ``fit``; a run resumed after ``resumed_epochs`` has its params logged already."""
     model = build_model(exp)
     n_params = count_params(model)
-    if track:
+    if track and not resumed_epochs:
         tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params}, metrics={"n_params": n_params},
                             tags={tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
         tracking.log_dataset(data)
@@ -61,8 +65,8 @@ def train_tracked(
             on_epoch(epoch, record)
 
     images = min(len(data.train), exp.train.train_subset or len(data.train))
-    with epoch_progress(console, exp.train.epochs, images, label) as (on_step, show_epoch):
-        result = fit(model, data, exp.train, rt, on_epoch=after_epoch, on_step=on_step)
+    with epoch_progress(console, exp.train.epochs, images, label, first_epoch=resumed_epochs + 1) as (on_step, show_epoch):
+        result = fit(model, data, exp.train, rt, on_epoch=after_epoch, on_step=on_step, checkpoint=checkpoint)
     if track:
         tracking.log_metrics({
             "test_loss": result.test_loss, "test_acc": result.test_acc, "best_val_acc": result.best_val_acc,

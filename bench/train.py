@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from . import interrupt
+from .checkpoint import EpochCheckpoint, capture, restore
 from .config import TrainConfig
 from .augment import batch_mixer, shown_labels
 from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batches
@@ -203,9 +204,13 @@ def fit(
     rt: Runtime | None = None,
     on_epoch: EpochCallback | None = None,
     on_step: Callable[[int, float, float], None] | None = None,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> Result:
     """Train ``model`` for ``cfg.epochs``, evaluating on the validation split each epoch and on the
     test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning).
+
+    With ``checkpoint``, the state is saved after each epoch (after ``on_epoch``), and a run whose
+    checkpoint holds a saved state continues after its last epoch instead of starting over.
 
     With ``cfg.ema`` every evaluation uses the weight average, and ``model`` ends holding it, so
     what the caller saves, logs and predicts with is what was evaluated."""
@@ -222,8 +227,12 @@ def fit(
     ema = create_ema(model, cfg.ema)
     eval_model = ema.module if ema is not None else model
     result = Result()
-    start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
+    parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **({"ema": ema} if ema is not None else {})}
+    done, seconds_before = 0, 0.0
+    if checkpoint is not None and (state := checkpoint.load()) is not None:
+        done, result.history, seconds_before = restore(state, parts, generator)
+    start = time.perf_counter() - seconds_before
+    for epoch in range(done + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
         train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
@@ -243,6 +252,8 @@ def fit(
         result.history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
+        if checkpoint is not None:
+            checkpoint.save(capture(epoch, parts, generator, result.history, time.perf_counter() - start))
     logits = test_logits_by_recipe(model, ema, data.test, rt, cfg)
     if len(logits) > 1:
         result.recipe_ablation = {f"test_acc_{name}": score(out, data.test.labels)[1] for name, out in logits.items()}

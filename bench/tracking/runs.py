@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import BudgetError
-from .store import TAG_KIND, TAG_STUDY, TAG_STATE, TAG_TRIAL, TAG_ERROR, TRAINING_KINDS, mask_url, experiment_id
+from .store import TAG_KIND, TAG_STUDY, TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TRAINING_KINDS, mask_url, experiment_id
 
 
 @contextlib.contextmanager
@@ -45,6 +45,16 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
         raise
     else:
         mlflow.end_run("FINISHED")
+
+
+def mark_resumed(run: Any, epochs_done: int) -> None:
+    """On the reopened ``run``: drop the interruption's state and error tags, record where it resumed."""
+    import mlflow
+
+    for tag in (TAG_STATE, TAG_ERROR):
+        if tag in run.data.tags:
+            mlflow.delete_tag(tag)
+    mlflow.set_tag(TAG_RESUMED, epochs_done)
 
 
 def system_metrics_enabled() -> bool:

@@ -1,0 +1,145 @@
+"""Epoch checkpoints: a run interrupted mid-epoch and resumed ends exactly as an uninterrupted one, and
+``bench confirm`` resumes an interrupted seed in its own MLflow run instead of starting it over."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+import bench.confirm
+import bench.interrupt
+import bench.train
+import bench.tune.study
+from bench import config, records
+from bench.checkpoint import EpochCheckpoint, checkpoint_dir
+from bench.cli import cli
+from bench.config import TrainConfig
+from bench.data import CIFAR10
+from bench.models import create_model
+from bench.train import fit, resolve_runtime
+from bench.tune import TuneOptions, run_study
+from conftest import module_store, take
+
+REPO = Path(__file__).resolve().parents[1]
+TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
+# Every piece of state a resume must restore: momentum, a two-part schedule, EMA, dropout and mixup
+# (torch's global generator) and the crops and flips (the data generator).
+RECIPE = {"epochs": 3, "batch_size": 64, "seed": 0, "schedule": "cosine", "lr_warmup_epochs": 1, "ema": 0.9, "mixup": 0.2}
+
+
+def new_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("seed_bn", "bn", dropout=0.2)
+
+
+def without_timing(history):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
+
+
+def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
+    """The next ``fit`` gets Ctrl-C at the third step of its ``epoch``-th epoch (counted from its start)."""
+    real_epoch, real_check = bench.train.train_one_epoch, bench.interrupt.check
+    epochs, steps = [], []
+
+    def train_one_epoch(*args, **kwargs):
+        epochs.append(1)
+        return real_epoch(*args, **kwargs)
+
+    def check():
+        if len(epochs) == epoch:
+            steps.append(1)
+            if len(steps) == 3:
+                raise KeyboardInterrupt
+        real_check()
+
+    monkeypatch.setattr(bench.train, "train_one_epoch", train_one_epoch)
+    monkeypatch.setattr(bench.interrupt, "check", check)
+
+
+def test_a_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(small_cifar, tmp_path, monkeypatch):
+    data = take(small_cifar, 640, 200, 200)
+    cfg = TrainConfig(**RECIPE)
+    rt = resolve_runtime(cfg, "bn")
+    straight_model = new_model()
+    straight = fit(straight_model, data, cfg, rt)
+
+    checkpoint = EpochCheckpoint(tmp_path / "run.pt", {"recipe": "a"})
+    interrupt_in_epoch(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        fit(new_model(), data, cfg, rt, checkpoint=checkpoint)
+    assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+
+    epochs_seen = []
+    resumed_model = new_model()  # fresh weights: everything must come from the checkpoint
+    resumed = fit(resumed_model, data, cfg, rt, on_epoch=lambda e, r: epochs_seen.append(e), checkpoint=checkpoint)
+    assert epochs_seen == [2, 3]
+    assert without_timing(resumed.history) == without_timing(straight.history)
+    assert resumed.test_acc == straight.test_acc and resumed.recipe_ablation == straight.recipe_ablation
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(tensor, resumed_model.state_dict()[name]), name
+    assert resumed.seconds >= sum(r["epoch_seconds"] for r in resumed.history)  # the first session's time counts
+
+
+def test_a_checkpoint_of_other_settings_is_ignored_and_a_live_one_is_not_taken(tmp_path):
+    saved = EpochCheckpoint(tmp_path / "run.pt", {"lr": "0.1"})
+    saved.save({"epoch": 4})
+    assert saved.load()["epoch"] == 4 and not saved.path.with_suffix(".partial").exists()
+    assert EpochCheckpoint(saved.path, {"lr": "0.2"}).load() is None
+
+    assert saved.lock()
+    other = EpochCheckpoint(saved.path, {"lr": "0.1"})
+    assert not other.lock()  # as a second process would see it while the first trains
+    saved.unlock()
+    assert other.lock()
+    other.remove()
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- bench confirm
+
+TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000}
+
+
+@pytest.fixture(scope="module")
+def study(cifar, tmp_path_factory):
+    """A one-trial bn study in an isolated store, on a 400/200/300 slice."""
+    tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
+    with module_store(tmp_path_factory.mktemp("resume"), tiny, (bench.tune.study, bench.confirm)) as root:
+        run_study(config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY), TuneOptions(trials=1, epochs=1, threads=1))
+        yield root
+
+
+def confirm_runs() -> list:
+    return mlflow.search_runs(experiment_names=["bn"], filter_string="tags.`bench.kind` = 'confirm'", output_format="list")
+
+
+def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch):
+    args = ["confirm", "--norm", "bn", "--seeds", "1", "--epochs", "3", "--threads", "1"]
+    interrupt_in_epoch(monkeypatch, 2)
+    stopped = CliRunner().invoke(cli, args)
+    assert stopped.exit_code == 130, stopped.output
+    monkeypatch.undo()
+    [killed] = confirm_runs()
+    assert killed.info.status == "KILLED" and (checkpoint_dir() / f"{killed.info.run_id}.pt").exists()
+
+    other_recipe = CliRunner().invoke(cli, [*args[:-4], "--epochs", "1", "--threads", "1"])  # not this checkpoint's recipe
+    assert other_recipe.exit_code == 0 and "resuming" not in other_recipe.output, other_recipe.output
+
+    resumed = CliRunner().invoke(cli, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming run {killed.info.run_id} after epoch 1/3" in resumed.output
+    run = mlflow.get_run(killed.info.run_id)
+    assert run.info.status == "FINISHED" and "bench.state" not in run.data.tags
+    assert run.data.tags["bench.resumed_after_epoch"] == "1" and "test_acc" in run.data.metrics
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")]
+    assert sorted(steps) == [1, 2, 3]  # each epoch logged once, across the two sessions
+    assert not list(checkpoint_dir().glob(f"{run.info.run_id}.*"))
+    assert len(records.derived_runs(records.load_study("bn"), "confirm")) == 2  # the resumed one and the 1-epoch one
+
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "to run none" in again.output
