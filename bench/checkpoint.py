@@ -12,16 +12,13 @@ it holds a lock on the file, so no other process resumes a run that is still ali
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # not POSIX: no lock, a resume trusts that the run's process has ended
-    fcntl = None
 
 CHECKPOINT_DIR_ENV = "BENCH_CHECKPOINT_DIR"
 
@@ -47,12 +44,11 @@ class EpochCheckpoint:
         """Take the run for this process; False if another live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path.with_suffix(".lock"), "a")
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                return False
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            return False
         self._lock = handle
         return True
 

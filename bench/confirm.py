@@ -19,13 +19,15 @@ from typing import Any
 
 from rich.console import Console
 
-from . import interrupt, records, tracking, workers
+from . import faults, interrupt, records, tracking, workers
 from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config
 from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
 from .runtime import pick_device, resolve_runtime, setup_threads
+
+KEPT = "finished seeds are kept and an unfinished one continues from its last epoch"
 
 
 @dataclass
@@ -171,7 +173,7 @@ def confirm_in_workers(norm: str, record: StudyRecord, todo: list[int], text: st
         raise KeyboardInterrupt
     if any(codes):
         raise TrackingError(f"{sum(bool(c) for c in codes)} of {jobs} confirm workers failed (exit codes {codes}); "
-                            "finished seeds are kept and unfinished ones continue from their last epoch; re-run the same command")
+                            f"{KEPT}; re-run the same command")
     finished = finished_runs(record, "confirm", records.TAG_SEED, text)
     return [finished[seed].info.run_id for seed in todo if seed in finished]
 
@@ -214,8 +216,9 @@ def norms_to_run(norm: str, study: str | None, trial: int | None = None) -> list
 
 def run_confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> list[str]:
     """``bench confirm``: one norm or all studied ones."""
-    tracking.setup(opts.tracking_uri)
+    uri = tracking.setup(opts.tracking_uri)
     start = time.time()
-    ids = [run_id for one in norms_to_run(norm, opts.study, opts.trial) for run_id in confirm(one, opts, console)]
+    with faults.tracking_lost(uri, KEPT):
+        ids = [run_id for one in norms_to_run(norm, opts.study, opts.trial) for run_id in confirm(one, opts, console)]
     (console or Console()).print(f"{len(ids)} confirm run(s) in {time.time() - start:.0f}s; `bench report` summarises them")
     return ids

@@ -149,11 +149,11 @@ def root_cause(err: BaseException, limit: int = 160) -> str:
     return type(err).__name__
 
 
-def lost_store_message(err: BaseException, storage: str, tracking_uri: str) -> str:
-    """The one line for an error that stopped a study: which store, why, and what to do."""
-    resume = "finished trials are kept; re-run the same command once it is back"
+def lost_store_message(err: BaseException, storage: str, tracking_uri: str, kept: str = "finished trials are kept") -> str:
+    """The one line for an error that stopped a study (or a confirmation): which store, why, and what to do."""
+    resume = f"{kept}; re-run the same command once it is back"
     if disk_full(err):
-        return f"disk full ({root_cause(err)}); finished trials are kept; free some space and re-run the same command"
+        return f"disk full ({root_cause(err)}); {kept}; free some space and re-run the same command"
     if server_lost(err):
         return f"lost the MLflow tracking server {tracking_uri} ({root_cause(err)}); {resume}"
     if origin(err) == "optuna":
@@ -161,3 +161,21 @@ def lost_store_message(err: BaseException, storage: str, tracking_uri: str) -> s
     if origin(err) == "mlflow":
         return f"lost the MLflow tracking store {tracking_uri} ({root_cause(err)}); {resume}"
     return f"lost the study's storage or tracking store ({root_cause(err)}); {resume}"
+
+
+@contextlib.contextmanager
+def tracking_lost(tracking_uri: str, kept: str) -> Iterator[None]:
+    """Around training outside a study (``bench confirm``, ``bench train``): a lost tracking server or
+    store, or a full disk, becomes one ``TrackingError`` line saying what ``kept`` instead of a traceback."""
+    from .errors import BenchError, TrackingError
+    from .tracking import mask_url
+
+    try:
+        yield
+    except BenchError:
+        raise
+    except Exception as err:
+        if not (server_lost(err) or disk_full(err) or origin(err) == "mlflow"):
+            raise
+        fail_fast()
+        raise TrackingError(lost_store_message(err, "", mask_url(tracking_uri), kept)) from None

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import interrupt, tracking
+from . import faults, interrupt, tracking
 from .checkpoint import EpochCheckpoint
 from .config import Experiment
 from .console import epoch_progress, table
@@ -123,7 +123,8 @@ def run_training(
     uri = tracking.setup(tracking_uri or None) if track else None
     data = load_data(exp, data_dir, download)
     console.print(f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test); {rt.describe()}")
-    with interrupt.deferred(), tracking.run("train", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", "train") if track else contextlib.nullcontext() as active:
+    lost = faults.tracking_lost(uri, "bench train keeps no checkpoint (bench confirm does)") if track else contextlib.nullcontext()
+    with lost, interrupt.deferred(), tracking.run("train", f"{exp.name}-{time.strftime('%Y%m%d-%H%M%S')}", "train") if track else contextlib.nullcontext() as active:
         model, result = train_tracked(exp, data, rt, console=console, track=track)
     console.print(result_table(exp, result, count_params(model)))
     if track:

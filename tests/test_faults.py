@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +22,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import optuna
 import pytest
 from optuna.trial import TrialState
 
 from bench import tracking
 from bench.tune import open_storage
-from test_distributed import REPO, Worker, check_one_study, mlflow_runs, study_name, tune_cmd, wait_for_line
+from test_distributed import REPO, TINY, Worker, data_dir, check_one_study, mlflow_runs, study_name, tune_cmd, wait_for_line
 
 PATIENCE = 600  # seconds a run may take on a loaded machine (each takes well under a minute on an idle one)
 MLFLOW_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "FINISHED", TrialState.FAIL: "FAILED"}
@@ -146,6 +148,37 @@ def test_killed_tracking_server_is_one_line_in_seconds_and_the_resume_fails_the_
         assert "Connection refused; configuration re-queued" in lost_run.data.tags[tracking.TAG_ERROR]
         print("\n" + json.dumps({"fault": "mlflow server SIGKILLed mid-trial", "seconds_to_error": round(seconds, 1),
                                  "console": out.splitlines()[-3:], "after_resume": trial_table(study, runs)}, indent=2))
+    finally:
+        kill_group(server)
+
+
+def test_killed_tracking_server_mid_confirm_is_one_line_and_the_seed_resumes_from_its_last_epoch(tmp_path):
+    port = free_port()
+    server = start_mlflow_server(tmp_path / "server", port)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        assert Worker(tune_cmd("--tracking-uri", uri, "--trials", "1"), tmp_path, "tune").wait(PATIENCE) == 0
+        shutil.copytree(REPO / "experiments", tmp_path / "experiments")  # confirm reads the study's experiment file
+        confirm = [sys.executable, "-m", "bench.cli", "confirm", "--norm", "bn", "--seeds", "1", "--epochs", "3",
+                   "--data-dir", data_dir(), *TINY, "--tracking-uri", uri]
+        first = Worker(confirm, tmp_path, "first")
+        wait_for_line([first], "epoch   1/3", PATIENCE)
+        kill_group(server)
+        assert first.wait(120) == 2, first.output
+        out = first.output
+        assert "Traceback" not in out and len(error_lines(out)) == 1, out
+        assert f"lost the MLflow tracking server {uri}" in error_lines(out)[0] and "continues from its last epoch" in out
+        [checkpoint] = (tmp_path / "mlruns" / "checkpoints").glob("*.pt")
+
+        server = start_mlflow_server(tmp_path / "server", port)
+        second = Worker(confirm, tmp_path, "second")
+        assert second.wait(PATIENCE) == 0, second.output
+        assert f"resuming run {checkpoint.stem} after epoch" in second.output
+        [run] = [r for r in mlflow_runs(uri, "bn") if r.data.tags.get(tracking.TAG_KIND) == "confirm"]
+        assert run.info.run_id == checkpoint.stem and run.info.status == "FINISHED" and "test_acc" in run.data.metrics
+        steps = [m.step for m in mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "val_acc")]
+        assert sorted(set(steps)) == [1, 2, 3]
+        assert not checkpoint.exists()
     finally:
         kill_group(server)
 

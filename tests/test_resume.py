@@ -1,5 +1,6 @@
 """Epoch checkpoints: a run interrupted mid-epoch and resumed ends exactly as an uninterrupted one, and
-``bench confirm`` resumes an interrupted seed in its own MLflow run instead of starting it over."""
+``bench confirm`` resumes an interrupted seed in its own MLflow run instead of starting it over; a lost
+tracking server outside a study is one line (the real-server case is in test_faults.py)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,20 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
 
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "to run none" in again.output
+
+
+def test_a_lost_tracking_server_outside_a_study_is_one_error_saying_what_is_kept():
+    import requests
+
+    from bench import faults
+    from bench.errors import ConfigError, TrackingError
+
+    with pytest.raises(TrackingError, match=r"^lost the MLflow tracking server http://host:5000 \(ConnectionError: refused\); seeds kept; re-run"):
+        with faults.tracking_lost("http://host:5000", "seeds kept"):
+            raise requests.exceptions.ConnectionError("refused")
+    with pytest.raises(ConfigError):  # the harness's own errors pass as they are
+        with faults.tracking_lost("http://host:5000", "seeds kept"):
+            raise ConfigError("bad value")
+    with pytest.raises(ValueError):  # and so do bugs, with their traceback
+        with faults.tracking_lost("http://host:5000", "seeds kept"):
+            raise ValueError("a bug")
