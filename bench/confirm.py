@@ -22,7 +22,7 @@ from rich.console import Console
 from . import faults, interrupt, records, tracking, workers
 from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config
 from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
-from .errors import ConfigError, TrackingError
+from .errors import ConfigError, DivergedError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
 from .runtime import pick_device, resolve_runtime, setup_threads
@@ -102,6 +102,9 @@ class Trainer:
                     checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)
                     checkpoint.lock()
                 _, result = train_tracked(exp, data, rt, console=self.console, label=label, checkpoint=checkpoint, resumed_epochs=epochs_done)
+        except DivergedError:
+            checkpoint.remove()  # resumed, it would diverge again, step for step
+            raise
         finally:
             if checkpoint is not None:
                 checkpoint.unlock()

@@ -145,6 +145,10 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 0 and "to run none" in again.output
 
+    diverged = CliRunner().invoke(cli, [*args, "--set", "lr=1e12"])  # would diverge again on resume: no checkpoint kept
+    assert diverged.exit_code == 2 and "lower the learning rate" in diverged.output, diverged.output
+    assert not list(checkpoint_dir().glob("*.pt"))
+
 
 def test_a_lost_tracking_server_outside_a_study_is_one_error_saying_what_is_kept():
     import requests
