@@ -24,9 +24,10 @@ from bench.models import create_model
 from bench.train import fit, resolve_runtime
 from bench.tune import TuneOptions, run_study
 from conftest import module_store, take
+from test_report import TINY
+from test_train import without_timing
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
 # Every piece of state a resume must restore: momentum, a two-part schedule, EMA, dropout and mixup
 # (torch's global generator) and the crops and flips (the data generator).
 RECIPE = {"epochs": 3, "batch_size": 64, "seed": 0, "schedule": "cosine", "lr_warmup_epochs": 1, "ema": 0.9, "mixup": 0.2}
@@ -35,10 +36,6 @@ RECIPE = {"epochs": 3, "batch_size": 64, "seed": 0, "schedule": "cosine", "lr_wa
 def new_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return create_model("seed_bn", "bn", dropout=0.2)
-
-
-def without_timing(history):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in history]
 
 
 def interrupt_in_epoch(monkeypatch, epoch: int) -> None:
@@ -102,8 +99,6 @@ def test_a_checkpoint_of_other_settings_is_ignored_and_a_live_one_is_not_taken(t
 
 
 # ---------------------------------------------------------------- bench confirm
-
-TINY = {"train_subset": 400, "val_size": 200, "batch_size": 100, "eval_batch_size": 1000}
 
 
 @pytest.fixture(scope="module")
