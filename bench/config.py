@@ -51,6 +51,9 @@ class ModelConfig:
     drop_path: float = 0.0  # convnext: stochastic depth, rising linearly over the blocks to this rate; 0 = off
     kernel: int = 7  # convnext: depthwise kernel size (ConvNeXt's 7; 3 trains ~1.4x faster on CPU)
     stem_kind: str = "conv"  # convnext: one of STEM_KINDS
+    stages: int = 3  # convnext: 2 ends at 16x16 (width3, blocks3 unused)
+    expansion: int = 4  # convnext: a block's hidden width over its own (ConvNeXt's 4)
+    gated: bool = False  # convnext: GEGLU feed-forward, GELU(a) * b, instead of GELU
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
@@ -181,7 +184,8 @@ CHOICES = {
     "stem_kind": STEM_KINDS,
 }
 # Model fields only one family reads: set away from their default on another preset, they are an error.
-FAMILY_FIELDS = {"drop_path": "convnext", "kernel": "convnext", "stem_kind": "convnext", "stride2": "resnet", "stride3": "resnet"}
+FAMILY_FIELDS = {**dict.fromkeys(("drop_path", "kernel", "stem_kind", "stages", "expansion", "gated"), "convnext"),
+                 "stride2": "resnet", "stride3": "resnet"}
 
 
 def _field_types(cls) -> dict[str, type]:

@@ -43,6 +43,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "lr_warmup_epochs": (lambda v: v >= 0, "must be >= 0 (0 = no warm-up)"),
     "drop_path": (_between(0, 1, hi_open=True), "must be in [0, 1) (0 = off)"),
     **{name: (lambda v: v in (1, 2), "must be 1 or 2") for name in ("stride2", "stride3")},
+    "stages": (lambda v: v in (2, 3), "must be 2 or 3"),
+    "expansion": (_between(1, 8), "must be >= 1 and <= 8"),
     "kernel": (lambda v: v in (3, 5, 7, 9), "must be 3, 5, 7 or 9 (an odd depthwise kernel)"),
     "val_size": (_between(0, 50_000, hi_open=True), "must be in [0, 50000)"),
     "train_subset": (lambda v: v >= 0, "must be >= 0 (0 = all)"),

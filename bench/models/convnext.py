@@ -6,21 +6,28 @@ projecting back, plus the identity), a norm and 2x2 stride-2 conv between stages
 downsampling layer), then global average pooling, a norm, dropout and a linear classifier. There is
 one norm per block, as in ConvNeXt, and no layer scale. Its shape comes from the flat ``ModelConfig``
 fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``width``, ``norm``,
-``groups``, ``dropout``, ``kernel`` (the depthwise kernel), ``drop_path`` (stochastic depth) and ``stem_kind``;
+``groups``, ``dropout``, ``kernel`` (the depthwise kernel), ``drop_path`` (stochastic depth), ``stem_kind``,
+``stages`` (2 drops the 8x8 stage), ``expansion`` (hidden width over block width) and ``gated``;
 ``dropout_at`` does not apply.
+
+``gated`` replaces the GELU feed-forward by a gated one (GEGLU, Shazeer 2020): the first 1x1 conv makes
+two maps and GELU of one multiplies the other. With ``expansion = 1`` a block costs about 3 C^2 parameters
+instead of 8 C^2, so the same budget buys wider stages at higher resolution: the shape of the small
+depthwise networks that reach the best CIFAR-10 accuracy per parameter (xvel/cifar10-tiniest: 48 and 80
+channels at 32x32 and 16x16, 97,530 parameters, 94.4%).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 from .stems import make_stem
 
-EXPANSION = 4
 
 
 def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
@@ -46,19 +53,28 @@ class DepthwiseConv2d(nn.Conv2d):
             return super().forward(x.float())
 
 
-class ConvNeXtBlock(nn.Module):
-    """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt."""
+class GatedGELU(nn.Module):
+    """GELU(a) * b of the two halves (a, b) of the channels: GEGLU's gate."""
 
-    def __init__(self, channels: int, norm: str, groups: int, kernel: int = 7, drop_path: float = 0.0):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return F.gelu(a) * b
+
+
+class ConvNeXtBlock(nn.Module):
+    """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt (``gated``: GEGLU)."""
+
+    def __init__(self, channels: int, norm: str, groups: int, kernel: int = 7, drop_path: float = 0.0,
+                 expansion: int = 4, gated: bool = False):
         super().__init__()
-        hidden = EXPANSION * channels
+        hidden = expansion * channels
         self.residual = nn.Sequential(
             # No bias: the norm right after it has its own shift.
             DepthwiseConv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
             norm_layer(norm, channels, groups),
             # 1x1 convs rather than Linear on permuted tensors: the layout stays NCHW or channels-last.
-            nn.Conv2d(channels, hidden, 1),
-            nn.GELU(),
+            nn.Conv2d(channels, 2 * hidden if gated else hidden, 1),
+            GatedGELU() if gated else nn.GELU(),
             nn.Conv2d(hidden, channels, 1),
         )
         # Stochastic depth: in training, skips the residual branch of a random share of the images.
@@ -74,7 +90,8 @@ def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential
 
 class ConvNeXt(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
-                 dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0, stem_kind: str = "conv"):
+                 dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0, stem_kind: str = "conv",
+                 expansion: int = 4, gated: bool = False):
         super().__init__()
         # ConvNeXt's rule: the drop rate rises linearly from 0 at the first block to drop_path at the last.
         # (Plain floats, not torch.linspace: the budget check builds the model on the meta device.)
@@ -86,7 +103,8 @@ class ConvNeXt(nn.Module):
             # Stage 1 keeps the stem's resolution and needs a 1x1 projection only when the stem is narrower or wider.
             entry = downsample(in_ch, out_ch, norm, groups) if i else (
                 nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity())
-            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates)) for _ in range(n_blocks))))
+            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates), expansion, gated)
+                                                 for _ in range(n_blocks))))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.head_norm = norm_layer(norm, widths[-1], groups)  # ConvNeXt normalises the pooled features
@@ -102,4 +120,5 @@ class ConvNeXt(nn.Module):
 def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
     stem, widths, blocks = staged_shape(cfg, "convnext")
-    return ConvNeXt(stem, widths, blocks, cfg.norm, cfg.groups, cfg.dropout, cfg.kernel, cfg.drop_path, cfg.stem_kind)
+    return ConvNeXt(stem, widths[:cfg.stages], blocks[:cfg.stages], cfg.norm, cfg.groups, cfg.dropout, cfg.kernel,
+                    cfg.drop_path, cfg.stem_kind, cfg.expansion, cfg.gated)

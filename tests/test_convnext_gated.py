@@ -1,0 +1,107 @@
+"""The ConvNeXt family's gated, two-stage shape (``gated``, ``expansion``, ``stages``): counts against a
+closed form, the gate's arithmetic, stage resolutions, the field checks and the experiment files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.config import load, override
+from bench.errors import ConfigError
+from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model
+from bench.models.convnext import GatedGELU
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+NORMS = ("bn", "gn", "ln", "lnc")
+GATED = {"preset": "convnext", "stages": 2, "gated": True, "expansion": 1, "kernel": 5,
+         "width1": 32, "width2": 48, "blocks1": 3, "blocks2": 3}
+
+
+def expected_params(widths, blocks, k, expansion, gated, stem=None):
+    """By hand: stem conv + norm, blocks (depthwise, norm, 1x1 up to 2h if gated, 1x1 down), downsamples, head."""
+    def block(c):
+        h = expansion * c
+        up = 2 * h if gated else h
+        return k * k * c + 2 * c + (c * up + up) + (h * c + c)
+
+    stem = stem or widths[0]
+    n = 27 * stem + 2 * stem
+    n += sum(b * block(c) for b, c in zip(blocks, widths))
+    n += sum(2 * ci + 4 * ci * co + co for ci, co in zip(widths, widths[1:]))
+    return n + 2 * widths[-1] + 10 * widths[-1] + 10
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_gated_two_stage_count_matches_the_closed_form_and_the_meta_count(norm):
+    kwargs = {**GATED, "norm": norm}
+    model = build_checked(50_000, **kwargs)
+    assert count_params(model) == count_params_fast(**kwargs) == expected_params((32, 48), (3, 3), 5, 1, True) == 44_922
+
+
+@pytest.mark.parametrize("changes", [{"expansion": 2}, {"gated": False, "expansion": 3}, {"stages": 3, "width3": 64, "blocks3": 1}])
+def test_other_gated_shapes_count_as_the_closed_form(changes):
+    kwargs = {**GATED, "norm": "bn", **changes}
+    widths = (32, 48, 64)[: kwargs["stages"]]
+    blocks = (3, 3, 1)[: kwargs["stages"]]
+    assert count_params_fast(**kwargs) == expected_params(widths, blocks, 5, kwargs["expansion"], kwargs["gated"])
+
+
+def test_the_gate_is_gelu_of_the_first_half_times_the_second():
+    x = torch.randn(2, 6, 3, 3)
+    torch.testing.assert_close(GatedGELU()(x), F.gelu(x[:, :3]) * x[:, 3:])
+
+
+def test_two_stages_end_at_16x16_and_every_block_is_gated():
+    model = create_model(**GATED, norm="bn").eval()
+    shapes = []
+    for stage in model.stages:
+        stage.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:])))
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert shapes == [(32, 32, 32), (48, 16, 16)]
+    blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
+    assert len(blocks) == 6 and all(isinstance(b.residual[3], GatedGELU) for b in blocks)
+    assert [b.residual[2].out_channels for b in blocks] == [64] * 3 + [96] * 3  # 2 x hidden, hidden = width
+    assert model.classifier.in_features == 48
+
+
+def test_gated_model_trains_in_both_memory_layouts():
+    torch.manual_seed(0)
+    model = create_model(**GATED, norm="lnc")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    losses = []
+    for _ in range(6):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last)),
+                                   model.to(memory_format=torch.contiguous_format)(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"stages": 4}, "stages must be 2 or 3"),
+    ({"expansion": 0}, "expansion must be >= 1 and <= 8"),
+    ({"preset": "resnet", "gated": True}, "gated applies to preset convnext, not 'resnet'"),
+    ({"preset": "resnet", "stages": 2}, "stages applies to preset convnext, not 'resnet'"),
+])
+def test_bad_gated_fields_are_refused_with_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        override(load(EXPERIMENTS / "convnext_ln.toml"), **changes)
+
+
+@pytest.mark.parametrize("norm", ("bn", "gn", "ln"))
+def test_gated_experiment_files_differ_only_in_the_norm(norm):
+    exp, bn = load(EXPERIMENTS / f"gated_{norm}.toml"), load(EXPERIMENTS / "gated_bn.toml")
+    assert (exp.model.preset, exp.model.norm, exp.model.stages, exp.model.gated) == ("convnext", norm, 2, True)
+    assert count_params_fast(**vars(exp.model)) <= exp.budget.max_params == 50_000
+    assert exp.train == bn.train and exp.tune == bn.tune
+    assert {k: v for k, v in exp.search.items() if k != "groups"} == bn.search
