@@ -53,7 +53,7 @@ class ModelConfig:
     stem_kind: str = "conv"  # convnext: one of STEM_KINDS
     stages: int = 3  # convnext: 2 ends at 16x16 (width3, blocks3 unused)
     expansion: int = 4  # convnext: a block's hidden width over its own (ConvNeXt's 4)
-    gated: bool = False  # convnext: GEGLU feed-forward, GELU(a) * b, instead of GELU
+    gated: bool = False  # convnext: ReGLU feed-forward, ReLU(a) * b, instead of GELU
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from bench.config import load, override
 from bench.errors import ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model
-from bench.models.convnext import GatedGELU
+from bench.models.convnext import GatedReLU
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NORMS = ("bn", "gn", "ln", "lnc")
@@ -49,9 +49,9 @@ def test_other_gated_shapes_count_as_the_closed_form(changes):
     assert count_params_fast(**kwargs) == expected_params(widths, blocks, 5, kwargs["expansion"], kwargs["gated"])
 
 
-def test_the_gate_is_gelu_of_the_first_half_times_the_second():
+def test_the_gate_is_relu_of_the_first_half_times_the_second():
     x = torch.randn(2, 6, 3, 3)
-    torch.testing.assert_close(GatedGELU()(x), F.gelu(x[:, :3]) * x[:, 3:])
+    torch.testing.assert_close(GatedReLU()(x), F.relu(x[:, :3]) * x[:, 3:])
 
 
 def test_two_stages_end_at_16x16_and_every_block_is_gated():
@@ -62,7 +62,7 @@ def test_two_stages_end_at_16x16_and_every_block_is_gated():
     assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
     assert shapes == [(32, 32, 32), (48, 16, 16)]
     blocks = [m for m in model.modules() if isinstance(m, ConvNeXtBlock)]
-    assert len(blocks) == 6 and all(isinstance(b.residual[3], GatedGELU) for b in blocks)
+    assert len(blocks) == 6 and all(isinstance(b.residual[3], GatedReLU) for b in blocks)
     assert [b.residual[2].out_channels for b in blocks] == [64] * 3 + [96] * 3  # 2 x hidden, hidden = width
     assert model.classifier.in_features == 48
 
