@@ -1,18 +1,26 @@
 """The ConvNeXt family's gated, two-stage shape (``gated``, ``expansion``, ``stages``): counts against a
-closed form, the gate's arithmetic, stage resolutions, the field checks and the experiment files."""
+closed form, the gate's arithmetic, stage resolutions, the field checks, the experiment files, and a toy
+study of gated_ln through `bench tune`, `bench confirm` and the registered model."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bench.confirm
+import bench.tune.study
 from bench.config import load, override
+from bench.data import CIFAR10
 from bench.errors import ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model
-from bench.models.convnext import GatedReLU
+from bench.models.convnext import ConvNeXt, GatedReLU
+from bench.tune import TuneOptions, run_study
+from conftest import module_store
+from test_convnext_study import TINY, invoke, runs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 NORMS = ("bn", "gn", "ln", "lnc")
@@ -105,3 +113,21 @@ def test_gated_experiment_files_differ_only_in_the_norm(norm):
     assert count_params_fast(**vars(exp.model)) <= exp.budget.max_params == 50_000
     assert exp.train == bn.train and exp.tune == bn.tune
     assert {k: v for k, v in exp.search.items() if k != "groups"} == bn.search
+
+
+def test_a_toy_gated_study_tunes_confirms_and_registers_a_gated_two_stage_model(cifar, tmp_path_factory):
+    tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
+    with module_store(tmp_path_factory.mktemp("gated"), tiny, (bench.tune.study, bench.confirm)):
+        run_study(override(load(EXPERIMENTS / "gated_ln.toml"), **TINY), TuneOptions(trials=3, epochs=1, threads=1, pruner="none"))
+        invoke("confirm", "--norm", "ln", "--study", "gated_ln", "--seeds", "1", "--epochs", "1", "--threads", "1")
+        trained = [r for r in runs("gated_ln", "trial") if "n_params" in r.data.metrics]
+        assert trained and all(r.data.metrics["n_params"] <= 50_000 for r in trained)
+        [confirmed] = runs("gated_ln", "confirm")
+        params = confirmed.data.params
+        assert (params["preset"], params["norm"], params["stages"], params["gated"], params["expansion"]) == ("convnext", "ln", "2", "True", "1")
+        model = mlflow.pytorch.load_model("models:/cifar10-gated_ln/latest").eval()
+    [network] = [m for m in model.modules() if isinstance(m, ConvNeXt)]  # inside the raw-image wrapper
+    blocks = [m for m in network.modules() if isinstance(m, ConvNeXtBlock)]
+    assert len(network.stages) == 2 and blocks and all(isinstance(b.residual[3], GatedReLU) for b in blocks)
+    with torch.inference_mode():
+        assert model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)).shape == (2, 10)
