@@ -12,10 +12,10 @@ fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``widt
 
 ``gated`` replaces the GELU feed-forward by a gated one (ReGLU, Shazeer 2020): the first 1x1 conv makes
 two maps and ReLU of one multiplies the other (ReLU rather than GEGLU's GELU: the whole model trains
-1.38x faster on these CPUs, where bf16 GELU is costly; docs/convnext.md). With ``expansion = 1`` a block costs about 3 C^2 parameters
-instead of 8 C^2, so the same budget buys wider stages at higher resolution: the shape of the small
-depthwise networks that reach the best CIFAR-10 accuracy per parameter (xvel/cifar10-tiniest: 48 and 80
-channels at 32x32 and 16x16, 97,530 parameters, 94.4%).
+1.38x faster on these CPUs, where bf16 GELU is costly; docs/convnext.md). With ``expansion = 1`` a block
+costs about 3 C^2 parameters instead of 8 C^2, so the same budget buys wider stages at higher resolution:
+the shape of the small depthwise networks that reach the best CIFAR-10 accuracy per parameter
+(xvel/cifar10-tiniest: 48 and 80 channels at 32x32 and 16x16, 97,530 parameters, 94.4%).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from ..config import ModelConfig
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 from .stems import make_stem
-
 
 
 def norm_layer(norm: str, channels: int, groups: int) -> nn.Module:
