@@ -23,14 +23,20 @@ DEFAULT_SHAPE = {"width1": 16, "width2": 32, "width3": 48, "blocks1": 2, "blocks
 DEFAULT_PARAMS = 46_410
 
 
-def expected_params(stem: int, widths: tuple[int, int, int], blocks: tuple[int, int, int], k: int = KERNEL) -> int:
-    """The count by hand; every norm here has a per-channel weight and bias (2C)."""
-    block = lambda c: k * k * c + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c)
+def expected_params(stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], k: int = KERNEL,
+                    expansion: int = 4, gated: bool = False) -> int:
+    """The count by hand, for any number of stages; every norm here has a per-channel weight and bias (2C).
+    A block: depthwise conv, norm, 1x1 up to the hidden width (twice that when gated), 1x1 back."""
+    def block(c: int) -> int:
+        hidden = expansion * c
+        up = 2 * hidden if gated else hidden
+        return k * k * c + 2 * c + (c * up + up) + (hidden * c + c)
+
     downsample = lambda ci, co: 2 * ci + 4 * ci * co + co
     n = 27 * stem + 2 * stem + (stem * widths[0] + widths[0] if stem != widths[0] else 0)
     n += sum(b * block(c) for b, c in zip(blocks, widths))
-    n += downsample(widths[0], widths[1]) + downsample(widths[1], widths[2])
-    return n + 2 * widths[2] + 10 * widths[2] + 10
+    n += sum(downsample(ci, co) for ci, co in zip(widths, widths[1:]))
+    return n + 2 * widths[-1] + 10 * widths[-1] + 10
 
 
 def default(norm: str, **extra) -> dict:

@@ -20,6 +20,7 @@ from bench.models import ConvNeXtBlock, build_checked, count_params, count_param
 from bench.models.convnext import ConvNeXt, GatedReLU
 from bench.tune import TuneOptions, run_study
 from conftest import module_store
+from test_convnext import expected_params
 from test_convnext_study import TINY, invoke, runs
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -28,25 +29,11 @@ GATED = {"preset": "convnext", "stages": 2, "gated": True, "expansion": 1, "kern
          "width1": 32, "width2": 48, "blocks1": 3, "blocks2": 3}
 
 
-def expected_params(widths, blocks, k, expansion, gated, stem=None):
-    """By hand: stem conv + norm, blocks (depthwise, norm, 1x1 up to 2h if gated, 1x1 down), downsamples, head."""
-    def block(c):
-        h = expansion * c
-        up = 2 * h if gated else h
-        return k * k * c + 2 * c + (c * up + up) + (h * c + c)
-
-    stem = stem or widths[0]
-    n = 27 * stem + 2 * stem
-    n += sum(b * block(c) for b, c in zip(blocks, widths))
-    n += sum(2 * ci + 4 * ci * co + co for ci, co in zip(widths, widths[1:]))
-    return n + 2 * widths[-1] + 10 * widths[-1] + 10
-
-
 @pytest.mark.parametrize("norm", NORMS)
 def test_gated_two_stage_count_matches_the_closed_form_and_the_meta_count(norm):
     kwargs = {**GATED, "norm": norm}
     model = build_checked(50_000, **kwargs)
-    assert count_params(model) == count_params_fast(**kwargs) == expected_params((32, 48), (3, 3), 5, 1, True) == 44_922
+    assert count_params(model) == count_params_fast(**kwargs) == expected_params(32, (32, 48), (3, 3), 5, 1, True) == 44_922
 
 
 @pytest.mark.parametrize("changes", [{"expansion": 2}, {"gated": False, "expansion": 3}, {"stages": 3, "width3": 64, "blocks3": 1}])
@@ -54,7 +41,7 @@ def test_other_gated_shapes_count_as_the_closed_form(changes):
     kwargs = {**GATED, "norm": "bn", **changes}
     widths = (32, 48, 64)[: kwargs["stages"]]
     blocks = (3, 3, 1)[: kwargs["stages"]]
-    assert count_params_fast(**kwargs) == expected_params(widths, blocks, 5, kwargs["expansion"], kwargs["gated"])
+    assert count_params_fast(**kwargs) == expected_params(32, widths, blocks, 5, kwargs["expansion"], kwargs["gated"])
 
 
 def test_the_gate_is_relu_of_the_first_half_times_the_second():
