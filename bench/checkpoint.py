@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .config import SPEED_ONLY
+
 
 CHECKPOINT_DIR_ENV = "BENCH_CHECKPOINT_DIR"
 
@@ -28,8 +30,16 @@ def checkpoint_dir() -> Path:
 
 
 def run_config(hyperparameters: dict[str, Any]) -> dict[str, str]:
-    """What a checkpoint must have been trained with to be resumed: every hyperparameter, as text."""
+    """What a checkpoint records it was trained with: every hyperparameter, as text."""
     return {k: str(v) for k, v in sorted(hyperparameters.items())}
+
+
+def same_training(saved: dict[str, str], current: dict[str, str]) -> bool:
+    """Whether a run saved with config ``saved`` may resume under ``current``: equal but for the
+    speed-only settings (a run may resume with ``compile`` toggled)."""
+    def learnt(config):
+        return {k: v for k, v in config.items() if k not in SPEED_ONLY}
+    return learnt(saved) == learnt(current)
 
 
 class EpochCheckpoint:
@@ -62,7 +72,7 @@ class EpochCheckpoint:
         if not self.path.exists():
             return None
         state = torch.load(self.path, map_location="cpu", weights_only=True)
-        return state if state.get("config") == self.config else None
+        return state if same_training(state.get("config") or {}, self.config) else None
 
     def save(self, state: dict[str, Any]) -> None:
         partial = self.path.with_suffix(".partial")

@@ -168,7 +168,7 @@ def dashboard(host, port, storage):
 @click.option("--epochs", type=click.IntRange(1), help="Epochs for --to-accuracy (default: the experiment's).")
 @click.option("--widths", help="Instead: the training step at these width multipliers (e.g. 1,1.5,1.75), against the first.")
 @click.option("--experiments", help="Instead: the training step of these experiments' models (e.g. resnet_bn,convnext_bn), against the "
-              "first; NAME:FIELD=VALUE changes a model field, precision or channels_last of one (convnext_ln:kernel=3).")
+              "first; NAME:FIELD=VALUE changes a model field, precision, channels_last or compile of one (convnext_ln:kernel=3, gated_bn:compile=true).")
 @data_options
 @friendly_errors
 def speed(data_dir, download, json_path, knobs, to_accuracy, epochs, widths, experiments, **options):

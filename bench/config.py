@@ -103,6 +103,12 @@ class TrainConfig:
     tta_flip: bool = False  # evaluate on the mean logits of each image and its horizontal flip
     tta_shift: int = 0  # also average over copies shifted diagonally by -N and +N pixels (airbench's translate TTA); 0 = off
     tta_every_epoch: bool = True  # false: the shift joins only the last epoch's validation and the test (3x cheaper epochs)
+    compile: bool = False  # torch.compile the training step: fused elementwise kernels, ~1-2 min to compile first
+
+
+# Train fields that change how fast a run computes, not what it learns: a study's fixed settings, a
+# confirmation's recipe and a checkpoint's identity ignore them, so they may differ between resumptions.
+SPEED_ONLY = frozenset({"eval_batch_size", "compile"})
 
 
 def tta_name(flip: bool, shift: int) -> str:

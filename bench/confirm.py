@@ -21,7 +21,7 @@ from rich.console import Console
 
 from . import faults, interrupt, records, tracking, workers
 from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config
-from .config import Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
+from .config import SPEED_ONLY, Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, DivergedError, TrackingError
 from .records import StudyRecord
 from .run import load_data, train_tracked
@@ -54,7 +54,9 @@ def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: d
 
 
 def recipe(exp: Experiment, overrides: dict[str, Any]) -> str:
-    return " ".join([f"epochs={exp.train.epochs}", *(f"{k}={v}" for k, v in sorted(overrides.items()))])
+    """``epochs=N`` and the overrides that change what is learnt: a seed run with ``--set compile=true``
+    counts as the same recipe as one without."""
+    return " ".join([f"epochs={exp.train.epochs}", *(f"{k}={v}" for k, v in sorted(overrides.items()) if k not in SPEED_ONLY)])
 
 
 def finished_runs(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> dict[int, Any]:

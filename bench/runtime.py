@@ -8,11 +8,13 @@ import ctypes
 import ctypes.util
 import os
 import platform
+import shutil
 from dataclasses import dataclass
 
 import torch
 
 from .config import TrainConfig
+from .errors import ConfigError
 
 # Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
 # seed LayerNorm, while GroupNorm's CPU kernel is faster on NCHW in the seed and residual models.
@@ -88,6 +90,13 @@ def resolve_runtime(cfg: TrainConfig, norm: str, device: torch.device | None = N
     auto = preset in CHANNELS_LAST_PRESETS or CHANNELS_LAST_BY_NORM.get(norm, False)
     channels_last = {"on": True, "off": False}.get(cfg.channels_last, auto)
     return Runtime(device, dtype, torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def check_compiler(device: torch.device) -> None:
+    """``torch.compile`` builds C++ kernels on the CPU: without a compiler it fails mid-run, so say so first."""
+    if device.type == "cpu" and not any(shutil.which(cxx) for cxx in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if cxx):
+        raise ConfigError("compile = true needs a C++ compiler for CPU kernels and none is on PATH; "
+                          "install one (apt-get install g++) or set compile = false")
 
 
 def pick_device(name: str | None = None) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .augment import batch_mixer, shown_labels
 from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batches
 from .errors import DivergedError
 from .models.stems import WHITEN_IMAGES, whitening_layers
-from .runtime import Runtime, resolve_runtime
+from .runtime import Runtime, check_compiler, resolve_runtime
 
 
 @dataclass
@@ -197,6 +198,17 @@ def validation_shift(cfg: TrainConfig, epoch: int) -> int:
 EpochCallback = Callable[[int, dict[str, float]], Any]
 
 
+def step_model(model: nn.Module, cfg: TrainConfig, rt: Runtime) -> nn.Module:
+    """What the training step calls: ``model``, or with ``cfg.compile`` its ``torch.compile`` (same
+    parameters, so the optimiser, EMA and checkpoints keep using ``model``). Evaluation stays eager:
+    it runs in eval mode and other batch sizes, each one more compilation."""
+    if not cfg.compile:
+        return model
+    check_compiler(rt.device)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)  # "no CUDA runtime" on every CPU-only build
+    return torch.compile(model, dynamic=False)  # two static graphs: the full batch and the last one
+
+
 def fit(
     model: nn.Module,
     data: CIFAR10,
@@ -226,6 +238,7 @@ def fit(
     scheduler = create_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     ema = create_ema(model, cfg.ema)
     eval_model = ema.module if ema is not None else model
+    stepped = step_model(model, cfg, rt)
     result = Result()
     parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, **({"ema": ema} if ema is not None else {})}
     done, seconds_before = 0, 0.0
@@ -235,7 +248,7 @@ def fit(
     for epoch in range(done + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(model, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
+        train_loss, train_acc = train_one_epoch(stepped, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, validation_shift(cfg, epoch))

@@ -20,7 +20,7 @@ from ..data import CIFAR10
 from ..errors import ConfigError
 from ..models import count_params, create_model
 from ..runtime import default_device, resolve_runtime, setup_threads
-from ..train import create_optimizer
+from ..train import create_optimizer, step_model
 from .harness import epoch_runner
 from .measure import cpu_name, interleaved, warm_up
 
@@ -45,7 +45,7 @@ def channels(model: torch.nn.Module) -> list[int]:
 
 
 # The training settings a variant may change: how the step computes, not what it optimises.
-RUNTIME_FIELDS = ("precision", "channels_last")
+RUNTIME_FIELDS = ("precision", "channels_last", "compile")
 
 
 def variants(opts: GridOptions) -> dict[str | float, tuple[dict, dict]]:
@@ -83,10 +83,11 @@ def run_grid(opts: GridOptions, data: CIFAR10, progress=lambda message: None) ->
     runners, shapes = {}, {}
     for label, (kwargs, runtime) in models.items():
         # each model in the memory layout and precision it trains in, unless the variant changes them
-        rt = resolve_runtime(dataclasses.replace(cfg, **runtime), kwargs["norm"], device, kwargs.get("preset"))
+        variant_cfg = dataclasses.replace(cfg, **runtime)
+        rt = resolve_runtime(variant_cfg, kwargs["norm"], device, kwargs.get("preset"))
         torch.manual_seed(opts.seed)
         model = create_model(**kwargs).to(device, memory_format=rt.memory_format)
-        runners[label] = epoch_runner(model, create_optimizer(model, cfg), cfg, rt, data.train)
+        runners[label] = epoch_runner(step_model(model, variant_cfg, rt), create_optimizer(model, cfg), cfg, rt, data.train)
         shapes[label] = {"params": count_params(model), "channels": channels(model), "runtime": rt.describe()}
     images = opts.steps * opts.batch_size
     progress("warm-up")

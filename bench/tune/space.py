@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 
 from .. import tracking
-from ..config import Experiment, override, validate
+from ..config import SPEED_ONLY, Experiment, override, validate
 from ..errors import ConfigError
 from .options import TuneOptions
 
@@ -133,14 +133,11 @@ def as_trial(exp: Experiment, epochs: int) -> Experiment:
     return exp
 
 
-NOT_IN_RECIPE = {"eval_batch_size"}  # changes speed, not results
-
-
 def fixed_recipe(exp: Experiment, epochs: int) -> dict[str, str]:
     """What every trial of the study shares: the settings that are not searched, as trials run them."""
     trial_exp = as_trial(copy.deepcopy(exp), epochs)
     values = {**trial_exp.hyperparameters(), "max_params": exp.budget.max_params}
-    return {k: str(v) for k, v in sorted(values.items()) if k not in exp.search and k not in NOT_IN_RECIPE}
+    return {k: str(v) for k, v in sorted(values.items()) if k not in exp.search and k not in SPEED_ONLY}
 
 
 def last_trial_params(study: optuna.Study) -> dict[str, str] | None:

@@ -1,0 +1,84 @@
+"""``compile = true``: the training step runs through torch.compile and learns what the eager step
+learns; the setting is speed-only (a confirmation's recipe, a study's fixed settings and a checkpoint's
+identity ignore it); without a C++ compiler it is one error before any training."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import bench.runtime
+from bench.checkpoint import EpochCheckpoint, run_config
+from bench.config import Experiment, TrainConfig, load, override
+from bench.confirm import recipe
+from bench.errors import ConfigError
+from bench.models import create_model
+from bench.speed.grid import experiment_variant
+from bench.train import fit, resolve_runtime
+from bench.tune.space import fixed_recipe
+from conftest import take
+from test_convnext_gated import EXPERIMENTS
+from test_train import without_timing
+
+needs_compiler = pytest.mark.skipif(not shutil.which("g++") and not shutil.which("c++"), reason="torch.compile needs a C++ compiler on the CPU")
+# The smallest gated two-stage model: one block a stage, so the graph compiles in seconds.
+SMALL_GATED = {"preset": "convnext", "norm": "bn", "stages": 2, "gated": True, "expansion": 1, "kernel": 3,
+               "width1": 8, "width2": 16, "blocks1": 1, "blocks2": 1, "dropout": 0.1}
+# fp32 so that the fused kernels differ from the eager ones by rounding only; 320 images in batches
+# of 96 end with a batch of 32, the second graph of a static compile.
+RECIPE = {"epochs": 2, "batch_size": 96, "seed": 0, "precision": "fp32", "tta_flip": True}
+
+
+def trained(data, **changes):
+    torch.manual_seed(0)
+    model = create_model(**SMALL_GATED)
+    cfg = TrainConfig(**RECIPE, **changes)
+    return model, fit(model, data, cfg, resolve_runtime(cfg, "bn", preset="convnext"))
+
+
+@needs_compiler
+def test_a_compiled_step_learns_what_the_eager_step_learns(small_cifar):
+    data = take(small_cifar, 320, 200, 200)
+    eager_model, eager = trained(data)
+    compiled_model, compiled = trained(data, compile=True)
+    for ours, theirs in zip(without_timing(compiled.history), without_timing(eager.history)):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-3), key
+    # The caller keeps the plain module: its weights are the trained ones, saved without a compile prefix.
+    assert compiled_model.state_dict().keys() == eager_model.state_dict().keys()
+    for name, tensor in eager_model.state_dict().items():
+        torch.testing.assert_close(compiled_model.state_dict()[name], tensor, rtol=1e-3, atol=1e-3)
+    assert compiled.test_acc == pytest.approx(eager.test_acc, abs=0.01)
+
+
+def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
+    exp = override(load(EXPERIMENTS / "gated_bn.toml"), epochs=3)
+    assert recipe(exp, {"compile": True, "ema": 0.99}) == recipe(exp, {"ema": 0.99}) == "epochs=3 ema=0.99"
+    assert fixed_recipe(exp, 2) == fixed_recipe(override(exp, compile=True), 2)
+
+    eager = run_config(Experiment().hyperparameters())
+    saved = EpochCheckpoint(tmp_path / "run.pt", eager)
+    saved.save({"epoch": 2})
+    compiled = run_config(override(Experiment(), compile=True).hyperparameters())
+    assert EpochCheckpoint(saved.path, compiled).load()["epoch"] == 2  # resumes with compile toggled
+    older = {k: v for k, v in eager.items() if k != "compile"}  # a checkpoint from before the setting existed
+    assert EpochCheckpoint(saved.path, older).load()["epoch"] == 2
+    assert EpochCheckpoint(saved.path, run_config(override(Experiment(), lr=0.2).hyperparameters())).load() is None
+
+
+def test_without_a_cxx_compiler_compile_is_one_error_before_training(small_cifar, monkeypatch):
+    monkeypatch.setattr(bench.runtime.shutil, "which", lambda name: None)
+    data = take(small_cifar, 96, 50, 50)
+    with pytest.raises(ConfigError, match="C\\+\\+ compiler.*set compile = false"):
+        trained(data, compile=True)
+    assert len(trained(data)[1].history) == 2  # the eager step needs no compiler
+
+
+def test_the_speed_benchmark_takes_compile_as_a_runtime_change():
+    label, model, runtime = experiment_variant("gated_bn:compile=true")
+    assert label == "gated_bn:compile=true" and runtime == {"compile": True} and model["gated"] is True
+    with pytest.raises(ConfigError, match="lr"):
+        experiment_variant("gated_bn:lr=0.2")
