@@ -5,6 +5,7 @@ identity ignore it); without a C++ compiler it is one error before any training.
 from __future__ import annotations
 
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,8 +13,9 @@ import torch
 import bench.runtime
 from bench.checkpoint import EpochCheckpoint, run_config
 from bench.config import Experiment, TrainConfig, load, override
-from bench.confirm import recipe
+from bench.confirm import best_experiment, recipe
 from bench.errors import ConfigError
+from bench.records import StudyRecord
 from bench.models import create_model
 from bench.speed.grid import experiment_variant
 from bench.train import fit, resolve_runtime
@@ -67,6 +69,16 @@ def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
     older = {k: v for k, v in eager.items() if k != "compile"}  # a checkpoint from before the setting existed
     assert EpochCheckpoint(saved.path, older).load()["epoch"] == 2
     assert EpochCheckpoint(saved.path, run_config(override(Experiment(), lr=0.2).hyperparameters())).load() is None
+
+
+def test_a_confirmation_takes_compile_from_the_file_and_command_line_not_from_the_trial(monkeypatch):
+    monkeypatch.chdir(EXPERIMENTS.parent)  # where gated_bn.toml is found by name
+    trial = SimpleNamespace(data=SimpleNamespace(params={"lr": "0.05", "compile": "True", "eval_batch_size": "1000"}, tags={}))
+    record = StudyRecord(norm="gated_bn", study="gated_bn", experiment_id="1", parents=[], trials=[trial], best=trial)
+    exp = best_experiment(record, epochs=3)
+    assert exp.train.lr == 0.05 and exp.train.epochs == 3  # what the trial learnt with
+    assert exp.train.compile is False and exp.train.eval_batch_size == 256  # how fast: the file's
+    assert best_experiment(record, overrides={"compile": True}).train.compile is True
 
 
 def test_without_a_cxx_compiler_compile_is_one_error_before_training(small_cifar, monkeypatch):
