@@ -44,10 +44,11 @@ class ConfirmOptions(RuntimeOptions):
 def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
     """The experiment file of the norm with the best trial's hyperparameters on top, on the full
     training set for ``epochs`` (default: the file's train.epochs, not the shorter tuning epochs).
-    Speed-only settings (``compile``) come from the file as it is now, not from the trial."""
+    Speed-only settings follow the trial too (a trial from before ``compile`` existed ran eager):
+    ``--set compile=true`` changes them without changing the recipe."""
     exp = load(find_experiment(norm_experiment(record.norm), fix="run it from the folder holding the study's experiments/"))
     logged = record.best.data.params
-    values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed", *SPEED_ONLY)}
+    values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed")}
     override(exp, **values, train_subset=0, epochs=epochs)
     if "max_params" in logged:
         exp.budget.max_params = int(logged["max_params"])

@@ -1,6 +1,7 @@
 """``compile = true``: the training step runs through torch.compile and learns what the eager step
 learns; the setting is speed-only (a confirmation's recipe, a study's fixed settings and a checkpoint's
-identity ignore it); without a C++ compiler it is one error before any training."""
+identity ignore it; a confirmation compiles as its trial did, or as --set says); without a C++
+compiler it is one error before any training."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def test_a_compiled_step_learns_what_the_eager_step_learns(small_cifar):
 
 def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
     exp = override(load(EXPERIMENTS / "gated_bn.toml"), epochs=3)
-    assert recipe(exp, {"compile": True, "ema": 0.99}) == recipe(exp, {"ema": 0.99}) == "epochs=3 ema=0.99"
-    assert fixed_recipe(exp, 2) == fixed_recipe(override(exp, compile=True), 2)
+    assert recipe(exp, {"compile": False, "ema": 0.99}) == recipe(exp, {"ema": 0.99}) == "epochs=3 ema=0.99"
+    assert fixed_recipe(exp, 2) == fixed_recipe(override(exp, compile=False), 2)
 
     eager = run_config(Experiment().hyperparameters())
     saved = EpochCheckpoint(tmp_path / "run.pt", eager)
@@ -71,14 +72,16 @@ def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
     assert EpochCheckpoint(saved.path, run_config(override(Experiment(), lr=0.2).hyperparameters())).load() is None
 
 
-def test_a_confirmation_takes_compile_from_the_file_and_command_line_not_from_the_trial(monkeypatch):
-    monkeypatch.chdir(EXPERIMENTS.parent)  # where gated_bn.toml is found by name
-    trial = SimpleNamespace(data=SimpleNamespace(params={"lr": "0.05", "compile": "True", "eval_batch_size": "1000"}, tags={}))
-    record = StudyRecord(norm="gated_bn", study="gated_bn", experiment_id="1", parents=[], trials=[trial], best=trial)
-    exp = best_experiment(record, epochs=3)
-    assert exp.train.lr == 0.05 and exp.train.epochs == 3  # what the trial learnt with
-    assert exp.train.compile is False and exp.train.eval_batch_size == 256  # how fast: the file's
-    assert best_experiment(record, overrides={"compile": True}).train.compile is True
+def test_a_confirmation_compiles_as_its_trial_did_unless_told_otherwise(monkeypatch):
+    monkeypatch.chdir(EXPERIMENTS.parent)
+    def record(params):
+        trial = SimpleNamespace(data=SimpleNamespace(params=params, tags={}))
+        return StudyRecord(norm="gated_bn", study="gated_bn", experiment_id="1", parents=[], trials=[trial], best=trial)
+    compiled = record({"lr": "0.05", "compile": "True"})
+    older = record({"lr": "0.05", "compile": "False"})  # as a trial logged before the file compiled
+    assert best_experiment(compiled, epochs=3).train.compile is True
+    assert best_experiment(older, epochs=3).train.compile is False
+    assert best_experiment(older, overrides={"compile": True}).train.compile is True
 
 
 def test_without_a_cxx_compiler_compile_is_one_error_before_training(small_cifar, monkeypatch):

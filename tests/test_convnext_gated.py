@@ -105,13 +105,17 @@ def test_gated_experiment_files_differ_only_in_the_norm(norm):
 def test_a_toy_gated_study_tunes_confirms_and_registers_a_gated_two_stage_model(cifar, tmp_path_factory):
     tiny = CIFAR10(cifar.train.take(400), cifar.val.take(200), cifar.test.take(300), cifar.source + " (slice)", cifar.digest)
     with module_store(tmp_path_factory.mktemp("gated"), tiny, (bench.tune.study, bench.confirm)):
-        run_study(override(load(EXPERIMENTS / "gated_ln.toml"), **TINY), TuneOptions(trials=3, epochs=1, threads=1, pruner="none"))
-        invoke("confirm", "--norm", "ln", "--study", "gated_ln", "--seeds", "1", "--epochs", "1", "--threads", "1")
+        # Trials of three shapes would build three compiled graphs: the study runs eager and only the
+        # confirmation compiles (--set, since it follows its trial otherwise).
+        run_study(override(load(EXPERIMENTS / "gated_ln.toml"), **TINY, compile=False), TuneOptions(trials=3, epochs=1, threads=1, pruner="none"))
+        invoke("confirm", "--norm", "ln", "--study", "gated_ln", "--seeds", "1", "--epochs", "1", "--threads", "1", "--set", "compile=true")
         trained = [r for r in runs("gated_ln", "trial") if "n_params" in r.data.metrics]
         assert trained and all(r.data.metrics["n_params"] <= 50_000 for r in trained)
         [confirmed] = runs("gated_ln", "confirm")
         params = confirmed.data.params
         assert (params["preset"], params["norm"], params["stages"], params["gated"], params["expansion"]) == ("convnext", "ln", "2", "True", "1")
+        assert params["compile"] == "True" and {r.data.params["compile"] for r in trained} == {"False"}
+        assert confirmed.data.tags["bench.recipe"] == "epochs=1"  # compile is not part of the recipe
         model = mlflow.pytorch.load_model("models:/cifar10-gated_ln/latest").eval()
     [network] = [m for m in model.modules() if isinstance(m, ConvNeXt)]  # inside the raw-image wrapper
     blocks = [m for m in network.modules() if isinstance(m, ConvNeXtBlock)]
