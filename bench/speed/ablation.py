@@ -17,6 +17,7 @@ import torch
 
 from ..data import CIFAR10, Split, eval_batches
 from ..runtime import Runtime
+from ..train import step_model
 from .harness import bench_config, bench_model, epoch_runner
 from .measure import Runner
 from .seed import seed_model, seed_sgd
@@ -78,14 +79,12 @@ def other_thread_count(threads: int) -> int | None:
 
 
 def setup_train_runner(setup: StepSetup, opts: SpeedOptions, data: CIFAR10, device: torch.device) -> Runner:
-    cfg = dataclasses.replace(bench_config(opts), batch_size=setup.batch_size or opts.batch_size)
+    cfg = dataclasses.replace(bench_config(opts), batch_size=setup.batch_size or opts.batch_size, compile=setup.compile)
     rt = Runtime(device, setup.dtype, torch.channels_last if setup.channels_last else torch.contiguous_format)
     build = bench_model if setup.packed_dropout else seed_model
     model = build(opts.model_preset, opts.norm, opts.seed).to(device, memory_format=rt.memory_format)
     optimizer = seed_sgd(model, cfg, setup.sgd)
-    if setup.compile:
-        model = torch.compile(model, dynamic=False)
-    return epoch_runner(model, optimizer, cfg, rt, data.train, setup.threads)
+    return epoch_runner(step_model(model, cfg, rt), optimizer, cfg, rt, data.train, setup.threads)
 
 
 def setup_eval_runner(setup: EvalSetup, opts: SpeedOptions, split: Split, device: torch.device) -> Runner:
