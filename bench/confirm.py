@@ -15,6 +15,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -42,17 +43,31 @@ class ConfirmOptions(RuntimeOptions):
 
 
 def best_experiment(record: StudyRecord, epochs: int | None = None, overrides: dict[str, Any] | None = None) -> Experiment:
-    """The experiment file of the norm with the best trial's hyperparameters on top, on the full
+    """The experiment file the study was tuned from with the best trial's hyperparameters on top, on the full
     training set for ``epochs`` (default: the file's train.epochs, not the shorter tuning epochs).
     Speed-only settings follow the trial too (a trial from before ``compile`` existed ran eager):
     ``--set compile=true`` changes them without changing the recipe."""
-    exp = load(find_experiment(norm_experiment(record.norm), fix="run it from the folder holding the study's experiments/"))
+    exp = load(study_experiment_file(record))
     logged = record.best.data.params
     values = {k: v for k, v in logged.items() if k in hyperparameter_types() and k not in ("epochs", "train_subset", "seed")}
     override(exp, **values, train_subset=0, epochs=epochs)
     if "max_params" in logged:
         exp.budget.max_params = int(logged["max_params"])
     return override(exp, **(overrides or {}))
+
+
+def study_experiment_file(record: StudyRecord) -> Path:
+    """The experiment file the study was tuned from (``bench.experiment`` on its parent runs), so that a
+    field its trials did not log takes that file's value; the norm's own file for a study tuned before
+    the tag existed, or when the study's file is not in experiments/ here."""
+    fix = "run it from the folder holding the study's experiments/"
+    tuned_from = next((p.data.tags[tracking.TAG_EXPERIMENT] for p in record.parents if tracking.TAG_EXPERIMENT in p.data.tags), None)
+    if tuned_from:
+        try:
+            return find_experiment(tuned_from, fix=fix)
+        except ConfigError:
+            pass
+    return find_experiment(norm_experiment(record.norm), fix=fix)
 
 
 def recipe(exp: Experiment, overrides: dict[str, Any]) -> str:

@@ -5,6 +5,7 @@ study of gated_ln through `bench tune`, `bench confirm` and the registered model
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -14,10 +15,12 @@ import torch.nn.functional as F
 import bench.confirm
 import bench.tune.study
 from bench.config import load, override
+from bench.confirm import best_experiment
 from bench.data import CIFAR10
 from bench.errors import ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model
 from bench.models.convnext import ConvNeXt, GatedReLU
+from bench.records import StudyRecord
 from bench.tune import TuneOptions, run_study
 from conftest import module_store
 from test_convnext import expected_params
@@ -116,9 +119,25 @@ def test_a_toy_gated_study_tunes_confirms_and_registers_a_gated_two_stage_model(
         assert (params["preset"], params["norm"], params["stages"], params["gated"], params["expansion"]) == ("convnext", "ln", "2", "True", "1")
         assert params["compile"] == "True" and {r.data.params["compile"] for r in trained} == {"False"}
         assert confirmed.data.tags["bench.recipe"] == "epochs=1"  # compile is not part of the recipe
+        assert {r.data.tags["bench.experiment"] for r in runs("gated_ln", "study")} == {"gated_ln"}
         model = mlflow.pytorch.load_model("models:/cifar10-gated_ln/latest").eval()
     [network] = [m for m in model.modules() if isinstance(m, ConvNeXt)]  # inside the raw-image wrapper
     blocks = [m for m in network.modules() if isinstance(m, ConvNeXtBlock)]
     assert len(network.stages) == 2 and blocks and all(isinstance(b.residual[3], GatedReLU) for b in blocks)
     with torch.inference_mode():
         assert model(torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)).shape == (2, 10)
+
+
+def test_a_confirmation_starts_from_the_file_its_study_was_tuned_from(monkeypatch):
+    """`bench confirm --norm bn --study gated_bn`: what the trial did not log (here nothing) comes from
+    gated_bn.toml, not bn.toml; a study tuned before the tag existed falls back to the norm's file."""
+    monkeypatch.chdir(EXPERIMENTS.parent)
+    def record(tags):
+        trial = SimpleNamespace(data=SimpleNamespace(params={}, tags={}))
+        parents = [SimpleNamespace(data=SimpleNamespace(tags=t)) for t in tags]
+        return StudyRecord(norm="bn", study="gated_bn", experiment_id="1", parents=parents, trials=[trial], best=trial)
+    gated, bn = load(EXPERIMENTS / "gated_bn.toml"), load(EXPERIMENTS / "bn.toml")
+    tuned = best_experiment(record([{}, {"bench.experiment": "gated_bn"}]))
+    assert (tuned.model, tuned.train) == (gated.model, override(gated, train_subset=0).train)
+    for older in ([{}], [{"bench.experiment": "gone_from_experiments"}]):
+        assert best_experiment(record(older)).train.epochs == bn.train.epochs != gated.train.epochs

@@ -21,6 +21,7 @@ MLRUNS = Path("mlruns")
 TAG_KIND = "bench.kind"  # train | study | trial | confirm | batch_size | report
 TAG_NORM = "bench.norm"
 TAG_STUDY = "bench.study"
+TAG_EXPERIMENT = "bench.experiment"  # on a study's parent run: the experiment file it was tuned from (its name)
 TAG_STATE = "bench.state"  # COMPLETE | PRUNED | FAIL | REJECTED | INTERRUPTED
 TAG_TRIAL = "optuna.trial_number"
 TAG_ERROR = "bench.error"

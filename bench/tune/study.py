@@ -149,7 +149,7 @@ def open_study_parent(study: optuna.Study, exp: Experiment, opts: TuneOptions, t
     """(run id, joined): the study's parent run, joined if another process has it open, else created
     with the search space (``space.*`` params, which the report reads), the total and the seed."""
     parent_id, joined = tracking.open_parent(study.study_name, study.study_name, f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}", {
-        tracking.TAG_NORM: exp.model.norm, "bench.storage": storage_label(opts.storage),
+        tracking.TAG_NORM: exp.model.norm, tracking.TAG_EXPERIMENT: exp.name, "bench.storage": storage_label(opts.storage),
         "bench.pruner": opts.pruner or exp.tune.pruner, **tags,
     })
     if not joined:
