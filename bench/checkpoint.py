@@ -62,6 +62,18 @@ class EpochCheckpoint:
         self._lock = handle
         return True
 
+    def held(self) -> bool:
+        """Whether another live process holds this run (probes the lock without keeping it)."""
+        lock = self.path.with_suffix(".lock")
+        if self._lock is not None or not lock.exists():
+            return False
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return True
+        return False  # closing the handle released the probe's lock
+
     def unlock(self) -> None:
         if self._lock is not None:
             self._lock.close()  # closing releases the lock

@@ -98,9 +98,14 @@ class Trainer:
             self._data[exp.train.val_size] = load_data(exp, self.opts.data_dir, self.opts.download)
         return self._data[exp.train.val_size]
 
-    def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, key: dict[str, Any]) -> str:
+    def train(self, record: StudyRecord, exp: Experiment, kind: str, name: str, key: dict[str, Any]) -> str | None:
         """One run of ``kind`` identified by ``key`` (its seed or batch size and recipe tags); an
-        unfinished one with a checkpoint here is resumed instead of started again."""
+        unfinished one with a checkpoint here is resumed instead of started again, and one that another
+        process finished or is training meanwhile is skipped (None)."""
+        label = f"{record.norm} {name} "
+        if reason := taken(record, kind, key):
+            self.console.print(f"{label}skipped: {reason}")
+            return None
         rt = resolve_runtime(exp.train, exp.model.norm, pick_device(self.opts.device), exp.model.preset)
         data = self.data(exp)
         tags = {
@@ -108,7 +113,6 @@ class Trainer:
             records.TAG_SOURCE_RUN: record.best.info.run_id, tracking.TAG_STUDY: record.study,
             "bench.source_trial": records.trial_number(record.best), **key,
         }
-        label = f"{record.norm} {name} "
         config = run_config(exp.hyperparameters())
         unfinished, checkpoint, epochs_done = resumable_run(record, kind, key, config) or (None, None, 0)
         try:
@@ -133,13 +137,28 @@ class Trainer:
         return active.info.run_id
 
 
+def runs_of(record: StudyRecord, kind: str, key: dict[str, Any], finished: bool) -> list[Any]:
+    """Finished (or unfinished) runs of ``kind`` with exactly the tags of ``key``, newest first."""
+    where = f"tags.`{records.TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status {'=' if finished else '!='} 'FINISHED'"
+    return [run for run in tracking.search_runs(record.study, kind, where)
+            if all(run.data.tags.get(tag) == str(value) for tag, value in key.items())]
+
+
+def taken(record: StudyRecord, kind: str, key: dict[str, Any]) -> str | None:
+    """Why a run of ``key`` is no longer this command's to train: another process finished it since the
+    command listed its work, or one on this machine is training it now (its checkpoint lock is held)."""
+    if done := runs_of(record, kind, key, finished=True):
+        return f"finished meanwhile by another process (run {done[0].info.run_id})"
+    for run in runs_of(record, kind, key, finished=False):
+        if EpochCheckpoint(checkpoint_dir() / f"{run.info.run_id}.pt", {}).held():
+            return f"another process on this machine is training it (run {run.info.run_id})"
+    return None
+
+
 def resumable_run(record: StudyRecord, kind: str, key: dict[str, Any], config: dict[str, str]) -> tuple[Any, EpochCheckpoint, int] | None:
     """(run, its checkpoint, epochs done): the newest unfinished run of this key whose checkpoint is in
     this machine's checkpoint folder, trained with ``config``, and held by no live process; else None."""
-    where = f"tags.`{records.TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status != 'FINISHED'"
-    for run in tracking.search_runs(record.study, kind, where):
-        if any(run.data.tags.get(tag) != str(value) for tag, value in key.items()):
-            continue
+    for run in runs_of(record, kind, key, finished=False):
         checkpoint = EpochCheckpoint(checkpoint_dir() / f"{run.info.run_id}.pt", config)
         if checkpoint.path.exists() and checkpoint.lock():
             if (state := checkpoint.load()) is not None:
@@ -167,8 +186,9 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
         return confirm_in_workers(norm, record, todo, text, opts, console)
     trainer = Trainer(opts, console)
     with interrupt.deferred():  # SIGTERM too ends the seed's run as KILLED instead of leaving it RUNNING
-        return [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
-                              {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
+        ids = [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",
+                             {records.TAG_SEED: seed, records.TAG_RECIPE: text}) for seed in todo]
+    return [run_id for run_id in ids if run_id]
 
 
 def worker_command(norm: str, opts: ConfirmOptions, seeds: list[int], threads: int) -> list[str]:
@@ -221,7 +241,7 @@ def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, c
         scaled = override(copy.deepcopy(exp), batch_size=bs, lr=base_lr * bs / base_bs)
         ids.append(trainer.train(record, scaled, "batch_size", f"batch-size-{bs}",
                                  {records.TAG_BATCH_SIZE: bs, records.TAG_RECIPE: text, "bench.lr_scale": f"{bs}/{base_bs}"}))
-    return ids
+    return [run_id for run_id in ids if run_id]
 
 
 def norms_to_run(norm: str, study: str | None, trial: int | None = None) -> list[str]:

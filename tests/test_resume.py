@@ -145,6 +145,31 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
     assert not list(checkpoint_dir().glob("*.pt"))
 
 
+def test_confirm_skips_a_seed_another_process_is_training_or_finished_meanwhile(study, monkeypatch):
+    """Two `bench confirm` on one machine (`--seeds 3` started beside a `--seed 2`): the second one
+    trains no seed twice, whether the other process still trains it or finished it meanwhile."""
+    args = ["confirm", "--norm", "bn", "--seeds", "1", "--epochs", "2", "--threads", "1"]
+    interrupt_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli, args).exit_code == 130
+    monkeypatch.undo()
+    [paused] = [r for r in confirm_runs() if r.data.tags["bench.recipe"] == "epochs=2"]
+    runs_before = len(confirm_runs())
+    training = EpochCheckpoint(checkpoint_dir() / f"{paused.info.run_id}.pt", {})
+    assert training.lock()  # as the process training the seed holds it
+
+    beside = CliRunner().invoke(cli, args)
+    assert beside.exit_code == 0, beside.output
+    assert f"bn confirm-seed-0 skipped: another process on this machine is training it (run {paused.info.run_id})" in beside.output
+    assert len(confirm_runs()) == runs_before and mlflow.get_run(paused.info.run_id).info.status == "KILLED"
+
+    training.unlock()  # that process ends; the seed resumes and finishes here
+    assert f"resuming run {paused.info.run_id}" in CliRunner().invoke(cli, args).output
+    monkeypatch.setattr(bench.confirm, "finished_keys", lambda *_: set())  # listed as to run just before another process finished it
+    late = CliRunner().invoke(cli, args)
+    assert late.exit_code == 0 and f"skipped: finished meanwhile by another process (run {paused.info.run_id})" in late.output, late.output
+    assert len(confirm_runs()) == runs_before
+
+
 def test_a_lost_tracking_server_outside_a_study_is_one_error_saying_what_is_kept():
     import requests
 
