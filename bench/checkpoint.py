@@ -64,15 +64,12 @@ class EpochCheckpoint:
 
     def held(self) -> bool:
         """Whether another live process holds this run (probes the lock without keeping it)."""
-        lock = self.path.with_suffix(".lock")
-        if self._lock is not None or not lock.exists():
+        if self._lock is not None or not self.path.with_suffix(".lock").exists():
             return False
-        with open(lock, "a") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                return True
-        return False  # closing the handle released the probe's lock
+        if not self.lock():
+            return True
+        self.unlock()
+        return False
 
     def unlock(self) -> None:
         if self._lock is not None:

@@ -139,8 +139,7 @@ class Trainer:
 
 def runs_of(record: StudyRecord, kind: str, key: dict[str, Any], finished: bool) -> list[Any]:
     """Finished (or unfinished) runs of ``kind`` with exactly the tags of ``key``, newest first."""
-    where = f"tags.`{records.TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status {'=' if finished else '!='} 'FINISHED'"
-    return [run for run in tracking.search_runs(record.study, kind, where)
+    return [run for run in records.derived_runs(record, kind, finished)
             if all(run.data.tags.get(tag) == str(value) for tag, value in key.items())]
 
 

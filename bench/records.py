@@ -95,9 +95,10 @@ def with_derived_runs(record: StudyRecord, epochs: int | None = None) -> StudyRe
     return record
 
 
-def derived_runs(record: StudyRecord, kind: str) -> list[Any]:
-    """Finished runs of ``kind`` that re-trained the study's best trial, newest first."""
-    where = f"tags.`{TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status = 'FINISHED'"
+def derived_runs(record: StudyRecord, kind: str, finished: bool = True) -> list[Any]:
+    """Finished (or, with ``finished=False``, unfinished) runs of ``kind`` that re-trained the study's
+    best trial, newest first."""
+    where = f"tags.`{TAG_SOURCE_RUN}` = '{record.best.info.run_id}' and attributes.status {'=' if finished else '!='} 'FINISHED'"
     return tracking.search_runs(record.study, kind, where)
 
 
