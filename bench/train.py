@@ -128,6 +128,25 @@ def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Op
         raise DivergedError(f"training loss became {total_loss.item()} by step {step} (lr {lr:.4g}); lower the learning rate")
 
 
+# A run has collapsed when its validation accuracy sits at chance for COLLAPSE_EPOCHS epochs after an
+# earlier epoch reached LEARNT_OVER_CHANCE x chance: the network predicts one class whatever the image,
+# as when a high learning rate kills the ReLUs without any NaN. Two epochs, not one: a loss spike can recover.
+COLLAPSE_EPOCHS = 2
+LEARNT_OVER_CHANCE = 3.0
+CHANCE_MARGIN = 1.5  # "at chance": at most 1.5 x 1/classes
+
+
+def check_collapse(history: list[dict[str, float]], lr: float, classes: int = len(CLASSES)) -> None:
+    """Raise DivergedError if ``history`` (per-epoch records, oldest first) ends in a collapse."""
+    chance = 1 / classes
+    recent, before = history[-COLLAPSE_EPOCHS:], history[:-COLLAPSE_EPOCHS]
+    learnt = max((r["val_acc"] for r in before), default=0.0)
+    if len(recent) == COLLAPSE_EPOCHS and learnt >= LEARNT_OVER_CHANCE * chance and all(
+            r["val_acc"] <= CHANCE_MARGIN * chance for r in recent):
+        raise DivergedError(f"collapsed: validation accuracy fell from {learnt:.1%} to chance ({recent[-1]['val_acc']:.1%}) "
+                            f"for {COLLAPSE_EPOCHS} epochs (lr {lr:.4g}); lower the learning rate")
+
+
 def shifted_copies(x: torch.Tensor, shift: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` translated by (-shift, -shift) and (+shift, +shift) pixels, borders reflected."""
     h, w = x.shape[-2:]
@@ -219,7 +238,8 @@ def fit(
     checkpoint: EpochCheckpoint | None = None,
 ) -> Result:
     """Train ``model`` for ``cfg.epochs``, evaluating on the validation split each epoch and on the
-    test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning).
+    test split at the end. ``on_epoch(epoch, record)`` may raise to stop early (pruning). A NaN loss
+    or a collapse to chance (``check_collapse``, after ``on_epoch`` logs the epoch) raises DivergedError.
 
     With ``checkpoint``, the state is saved after each epoch (after ``on_epoch``), and a run whose
     checkpoint holds a saved state continues after its last epoch instead of starting over.
@@ -265,6 +285,7 @@ def fit(
         result.history.append(record)
         if on_epoch:
             on_epoch(epoch, record)
+        check_collapse(result.history, lr)
         if checkpoint is not None:
             checkpoint.save(capture(epoch, parts, generator, result.history, time.perf_counter() - start))
     logits = test_logits_by_recipe(model, ema, data.test, rt, cfg)

@@ -15,6 +15,7 @@ from bench.data import CIFAR10, Split
 from bench.errors import DivergedError
 from bench.models import create_model
 from bench.train import (
+    check_collapse,
     create_ema,
     create_optimizer,
     create_scheduler,
@@ -201,6 +202,50 @@ def test_nan_in_the_last_steps_of_an_epoch_is_caught(small_cifar):
     config = cfg(batch_size=64, epochs=1)
     with pytest.raises(DivergedError, match="by step 3"):
         fit(model, tiny(small_cifar, n_train=150), config, resolve_runtime(config, "bn"))
+
+
+def history(*val_accs: float) -> list[dict[str, float]]:
+    return [{"val_acc": acc} for acc in val_accs]
+
+
+@pytest.mark.parametrize("accs", [
+    (0.1, 0.1, 0.1, 0.1),  # never learnt: a slow start, not a collapse
+    (0.5, 0.1),  # one epoch at chance: a spike that may recover
+    (0.5, 0.1, 0.4, 0.1),  # recovered in between
+    (0.25, 0.1, 0.1),  # never clearly above chance
+    (0.5, 0.16, 0.1),  # above chance in one of the last two
+])
+def test_no_collapse(accs):
+    check_collapse(history(*accs), lr=0.1)
+
+
+def test_a_collapse_to_chance_after_learning_raises():
+    with pytest.raises(DivergedError, match=r"collapsed: validation accuracy fell from 80.0% to chance \(10.1%\) for 2 epochs \(lr 0.0737\); lower the learning rate"):
+        check_collapse(history(0.3, 0.8, 0.4, 0.12, 0.101), lr=0.0737)
+
+
+def test_a_collapsed_run_stops_two_epochs_after_collapsing(small_cifar):
+    """A network that learnt, then predicts class 0 whatever the image (as a run killed by a high
+    learning rate does, without a NaN), ends as diverged after two epochs at chance instead of
+    training on; both epochs are seen (logged) first."""
+    model = new_model()
+    dead = []
+
+    def predict_class_0(module, inputs, output):
+        return output * 0 + torch.eye(10)[0] if dead else output
+
+    model.layers[-1].register_forward_hook(predict_class_0)
+    epochs = []
+
+    def on_epoch(epoch, record):
+        epochs.append((epoch, record["val_acc"]))
+        dead.append(epoch)  # dead from the second epoch on
+
+    config = cfg(epochs=6, schedule="constant", lr=0.05, batch_size=32)
+    with pytest.raises(DivergedError, match="collapsed"):
+        fit(model, tiny(small_cifar, n_train=1000), config, resolve_runtime(config, "bn"), on_epoch=on_epoch)
+    assert [e for e, _ in epochs] == [1, 2, 3]
+    assert epochs[0][1] > 0.3 and all(acc < 0.15 for _, acc in epochs[1:])
 
 
 # ---------------------------------------------------------------- evaluate and predict
