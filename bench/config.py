@@ -54,6 +54,7 @@ class ModelConfig:
     stages: int = 3  # convnext: 2 ends at 16x16 (width3, blocks3 unused)
     expansion: int = 4  # convnext: a block's hidden width over its own (ConvNeXt's 4)
     gated: bool = False  # convnext: ReGLU feed-forward, ReLU(a) * b, instead of GELU
+    layer_scale: float = 0.0  # convnext: initial per-channel scale on each block's output (ConvNeXt's layer scale); 0 = off
 
 
 # Named residual shapes, each under 50,000 parameters with every norm. ``preset = "resnet_wide"`` is
@@ -190,7 +191,8 @@ CHOICES = {
     "stem_kind": STEM_KINDS,
 }
 # Model fields only one family reads: set away from their default on another preset, they are an error.
-FAMILY_FIELDS = {**dict.fromkeys(("drop_path", "kernel", "stem_kind", "stages", "expansion", "gated"), "convnext"),
+FAMILY_FIELDS = {**dict.fromkeys(("drop_path", "kernel", "stem_kind", "stages", "expansion", "gated", "layer_scale"),
+                                 "convnext"),
                  "stride2": "resnet", "stride3": "resnet"}
 
 

@@ -42,6 +42,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cutmix": (lambda v: v >= 0, "must be >= 0 (Beta alpha, e.g. 1.0; 0 = off)"),
     "lr_warmup_epochs": (lambda v: v >= 0, "must be >= 0 (0 = no warm-up)"),
     "drop_path": (_between(0, 1, hi_open=True), "must be in [0, 1) (0 = off)"),
+    "layer_scale": (_between(0, 1), "must be in [0, 1] (0 = off, e.g. 0.1)"),
     **{name: (lambda v: v in (1, 2), "must be 1 or 2") for name in ("stride2", "stride3")},
     "stages": (lambda v: v in (2, 3), "must be 2 or 3"),
     "expansion": (_between(1, 8), "must be >= 1 and <= 8"),

@@ -47,6 +47,18 @@ def test_other_gated_shapes_count_as_the_closed_form(changes):
     assert count_params_fast(**kwargs) == expected_params(32, widths, blocks, 5, kwargs["expansion"], kwargs["gated"])
 
 
+def test_layer_scale_adds_one_factor_per_block_channel_and_scales_the_branch():
+    kwargs = {**GATED, "norm": "bn"}
+    assert count_params(build_checked(50_000, **kwargs, layer_scale=0.1)) == count_params_fast(**kwargs, layer_scale=0.1) == 44_922 + 3 * 32 + 3 * 48
+    torch.manual_seed(0)
+    plain = ConvNeXtBlock(8, "bn", 4, kernel=3, gated=True, expansion=1).eval()
+    torch.manual_seed(0)
+    scaled = ConvNeXtBlock(8, "bn", 4, kernel=3, gated=True, expansion=1, layer_scale=0.1).eval()
+    x = torch.randn(2, 8, 6, 6)
+    torch.testing.assert_close(scaled(x) - x, 0.1 * (plain(x) - x))
+    assert torch.equal(scaled.residual[-1].gamma, torch.full((8, 1, 1), 0.1))
+
+
 def test_the_gate_is_relu_of_the_first_half_times_the_second():
     x = torch.randn(2, 6, 3, 3)
     torch.testing.assert_close(GatedReLU()(x), F.relu(x[:, :3]) * x[:, 3:])
@@ -90,6 +102,8 @@ def test_gated_model_trains_in_both_memory_layouts():
     ({"expansion": 0}, "expansion must be >= 1 and <= 8"),
     ({"preset": "resnet", "gated": True}, "gated applies to preset convnext, not 'resnet'"),
     ({"preset": "resnet", "stages": 2}, "stages applies to preset convnext, not 'resnet'"),
+    ({"layer_scale": -0.1}, r"layer_scale must be in \[0, 1\]"),
+    ({"preset": "resnet", "layer_scale": 0.1}, "layer_scale applies to preset convnext, not 'resnet'"),
 ])
 def test_bad_gated_fields_are_refused_with_the_fix(changes, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,10 +4,11 @@ A small ConvNeXt (Liu et al. 2022) for 32x32 inputs: a stem (``stems``; by defau
 full resolution), three stages of inverted-bottleneck blocks (depthwise 7x7 conv, norm, 1x1 conv expanding 4x, GELU, 1x1 conv
 projecting back, plus the identity), a norm and 2x2 stride-2 conv between stages (the ConvNeXt
 downsampling layer), then global average pooling, a norm, dropout and a linear classifier. There is
-one norm per block, as in ConvNeXt, and no layer scale. Its shape comes from the flat ``ModelConfig``
+one norm per block, as in ConvNeXt, and layer scale only if asked. Its shape comes from the flat ``ModelConfig``
 fields ``stem``, ``width1..3``, ``blocks`` (or per stage ``blocks1..3``), ``width``, ``norm``,
 ``groups``, ``dropout``, ``kernel`` (the depthwise kernel), ``drop_path`` (stochastic depth), ``stem_kind``,
-``stages`` (2 drops the 8x8 stage), ``expansion`` (hidden width over block width) and ``gated``;
+``stages`` (2 drops the 8x8 stage), ``expansion`` (hidden width over block width), ``gated`` and
+``layer_scale``;
 ``dropout_at`` does not apply.
 
 ``gated`` replaces the GELU feed-forward by a gated one (ReGLU, Shazeer 2020): the first 1x1 conv makes
@@ -61,11 +62,24 @@ class GatedReLU(nn.Module):
         return F.relu(a) * b
 
 
+class LayerScale(nn.Module):
+    """A learnt per-channel factor on a residual branch, starting at ``init`` (ConvNeXt, after CaiT):
+    each block first adds a small share of its output to the stream, and grows it only as it learns to."""
+
+    def __init__(self, channels: int, init: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((channels, 1, 1), init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
 class ConvNeXtBlock(nn.Module):
-    """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt (``gated``: ReGLU)."""
+    """x + pw2(GELU(pw1(norm(dwconv(x))))): the inverted bottleneck of ConvNeXt (``gated``: ReGLU),
+    its output scaled per channel by ``layer_scale`` when that is not 0."""
 
     def __init__(self, channels: int, norm: str, groups: int, kernel: int = 7, drop_path: float = 0.0,
-                 expansion: int = 4, gated: bool = False):
+                 expansion: int = 4, gated: bool = False, layer_scale: float = 0.0):
         super().__init__()
         hidden = expansion * channels
         self.residual = nn.Sequential(
@@ -76,6 +90,7 @@ class ConvNeXtBlock(nn.Module):
             nn.Conv2d(channels, 2 * hidden if gated else hidden, 1),
             GatedReLU() if gated else nn.GELU(),
             nn.Conv2d(hidden, channels, 1),
+            *([LayerScale(channels, layer_scale)] if layer_scale else []),
         )
         # Stochastic depth: in training, skips the residual branch of a random share of the images.
         self.drop_path = stochastic_depth(drop_path) if drop_path else nn.Identity()
@@ -91,7 +106,7 @@ def downsample(in_ch: int, out_ch: int, norm: str, groups: int) -> nn.Sequential
 class ConvNeXt(nn.Module):
     def __init__(self, stem: int, widths: tuple[int, ...], blocks: tuple[int, ...], norm: str, groups: int = 4,
                  dropout: float = 0.0, kernel: int = 7, drop_path: float = 0.0, stem_kind: str = "conv",
-                 expansion: int = 4, gated: bool = False):
+                 expansion: int = 4, gated: bool = False, layer_scale: float = 0.0):
         super().__init__()
         # ConvNeXt's rule: the drop rate rises linearly from 0 at the first block to drop_path at the last.
         # (Plain floats, not torch.linspace: the budget check builds the model on the meta device.)
@@ -103,7 +118,7 @@ class ConvNeXt(nn.Module):
             # Stage 1 keeps the stem's resolution and needs a 1x1 projection only when the stem is narrower or wider.
             entry = downsample(in_ch, out_ch, norm, groups) if i else (
                 nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity())
-            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates), expansion, gated)
+            stages.append(nn.Sequential(entry, *(ConvNeXtBlock(out_ch, norm, groups, kernel, next(rates), expansion, gated, layer_scale)
                                                  for _ in range(n_blocks))))
         self.stages = nn.Sequential(*stages)
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -121,4 +136,4 @@ def convnext(cfg: ModelConfig) -> ConvNeXt:
     """The ConvNeXt model from the flat config fields; ``width`` scales the stem and every stage."""
     stem, widths, blocks = staged_shape(cfg, "convnext")
     return ConvNeXt(stem, widths[:cfg.stages], blocks[:cfg.stages], cfg.norm, cfg.groups, cfg.dropout, cfg.kernel,
-                    cfg.drop_path, cfg.stem_kind, cfg.expansion, cfg.gated)
+                    cfg.drop_path, cfg.stem_kind, cfg.expansion, cfg.gated, cfg.layer_scale)
