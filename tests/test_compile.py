@@ -69,6 +69,15 @@ def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
     assert EpochCheckpoint(saved.path, compiled).load()["epoch"] == 2  # resumes with compile toggled
     older = {k: v for k, v in eager.items() if k != "compile"}  # a checkpoint from before the setting existed
     assert EpochCheckpoint(saved.path, older).load()["epoch"] == 2
+
+
+def test_a_checkpoint_from_before_a_field_existed_resumes_at_its_default(tmp_path):
+    current = run_config(load(EXPERIMENTS / "gated_bn.toml").hyperparameters())
+    saved = EpochCheckpoint(tmp_path / "run.pt", {k: v for k, v in current.items() if k != "layer_scale"})
+    saved.save({"epoch": 29})
+    assert EpochCheckpoint(saved.path, current).load()["epoch"] == 29  # layer_scale arrived later, at 0.0
+    scaled = run_config(override(load(EXPERIMENTS / "gated_bn.toml"), layer_scale=0.1).hyperparameters())
+    assert EpochCheckpoint(saved.path, scaled).load() is None  # not at its default: another training
     assert EpochCheckpoint(saved.path, run_config(override(Experiment(), lr=0.2).hyperparameters())).load() is None
 
 
