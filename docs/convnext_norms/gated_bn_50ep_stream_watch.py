@@ -1,3 +1,4 @@
+# Run from the store's folder: python gated_bn_50ep_stream_watch.py lr05=<run id> ls01=<run id>
 # Every 5 min: epoch, val acc and the largest BatchNorm running_var per norm layer (and layer-scale gammas) of two running checkpoints.
 import sys, time, torch
 runs = dict(a.split("=") for a in sys.argv[1:])  # label=run_id
@@ -5,7 +6,7 @@ seen = {}
 while True:
     for label, rid in runs.items():
         try:
-            st = torch.load(f"/work/runs/mlruns/checkpoints/{rid}.pt", map_location="cpu", weights_only=False)
+            st = torch.load(f"mlruns/checkpoints/{rid}.pt", map_location="cpu", weights_only=False)
         except Exception:
             continue
         if seen.get(label) == st["epoch"]:
