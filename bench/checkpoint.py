@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import SPEED_ONLY, Experiment
+from .config import SPEED_ONLY, with_added_fields
 
 
 CHECKPOINT_DIR_ENV = "BENCH_CHECKPOINT_DIR"
@@ -38,10 +38,8 @@ def same_training(saved: dict[str, str], current: dict[str, str]) -> bool:
     """Whether a run saved with config ``saved`` may resume under ``current``: equal but for the
     speed-only settings (a run may resume with ``compile`` toggled). A field added to bench since the
     checkpoint was written counts at its default value, so an upgrade keeps old checkpoints resumable."""
-    defaults = run_config(Experiment().hyperparameters())
-
     def learnt(config):
-        return {k: v for k, v in {**defaults, **config}.items() if k not in SPEED_ONLY}
+        return {k: v for k, v in with_added_fields(config).items() if k not in SPEED_ONLY}
     return learnt(saved) == learnt(current)
 
 

@@ -179,6 +179,11 @@ class Experiment:
         return {**dataclasses.asdict(self.model), **dataclasses.asdict(self.train)}
 
 
+def with_added_fields(saved: dict[str, str]) -> dict[str, str]:
+    """Settings recorded as text (a checkpoint's, a study's) with each field bench added since at its default."""
+    return {**{k: str(v) for k, v in Experiment().hyperparameters().items()}, **saved}
+
+
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "budget": BudgetConfig, "tune": TuneConfig}
 CHOICES = {
     "norm": NORMS,

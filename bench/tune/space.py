@@ -11,7 +11,7 @@ import numpy as np
 import optuna
 
 from .. import tracking
-from ..config import SPEED_ONLY, Experiment, override, validate
+from ..config import SPEED_ONLY, Experiment, override, validate, with_added_fields
 from ..errors import ConfigError
 from .options import TuneOptions
 
@@ -157,8 +157,8 @@ def check_fixed_recipe(study: optuna.Study, exp: Experiment, epochs: int) -> Non
     stamped = study.user_attrs.get("fixed_recipe")
     recorded = stamped or last_trial_params(study)
     if recorded:
-        defaults = {k: str(v) for k, v in Experiment().hyperparameters().items()}  # settings added since the study began
-        changed = [f"{k} {recorded.get(k, defaults.get(k))} -> {v}" for k, v in current.items() if recorded.get(k, defaults.get(k)) != v]
+        recorded = with_added_fields(recorded)  # settings added since the study began
+        changed = [f"{k} {recorded.get(k)} -> {v}" for k, v in current.items() if recorded.get(k) != v]
         if changed:
             raise ConfigError(f"study '{study.study_name}' ran its trials with other fixed settings ({'; '.join(changed)}); "
                               "give the new settings their own --study name, or set the old values back")
