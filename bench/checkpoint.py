@@ -95,6 +95,25 @@ class EpochCheckpoint:
             path.unlink(missing_ok=True)
 
 
+def sweep_leftovers(directory: str | Path) -> list[Path]:
+    """Delete what killed processes left in ``directory``: the lock or half-written file of a run that
+    has no checkpoint to resume (killed before its first epoch ended) and that no live process holds.
+    Returns the deleted paths."""
+    directory = Path(directory)
+    stems = {path.stem for pattern in ("*.lock", "*.partial") for path in directory.glob(pattern)}
+    swept = []
+    for stem in sorted(stems):
+        leftover = EpochCheckpoint(directory / f"{stem}.pt", {})
+        if leftover.path.exists() or not leftover.lock():
+            continue
+        for path in (leftover.path.with_suffix(".partial"), leftover.path.with_suffix(".lock")):
+            if path.exists():
+                path.unlink()  # the lock file last, while this process still holds it
+                swept.append(path)
+        leftover.unlock()
+    return swept
+
+
 def capture(epoch: int, parts: dict[str, Any], generator: torch.Generator, history: list[dict[str, float]], seconds: float) -> dict[str, Any]:
     """The state after ``epoch``: ``parts`` are the objects with a ``state_dict`` (model, optimiser, ...)."""
     state = {

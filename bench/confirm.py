@@ -21,7 +21,7 @@ from typing import Any
 from rich.console import Console
 
 from . import faults, interrupt, records, tracking, workers
-from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config
+from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config, sweep_leftovers
 from .config import SPEED_ONLY, Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, DivergedError, TrackingError
 from .records import StudyRecord
@@ -183,6 +183,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
                   f"seeds done {sorted(done) or 'none'}, to run {todo or 'none'}")
     if opts.jobs > 1 and len(todo) > 1:
         return confirm_in_workers(norm, record, todo, text, opts, console)
+    sweep_leftovers(checkpoint_dir())
     trainer = Trainer(opts, console)
     with interrupt.deferred():  # SIGTERM too ends the seed's run as KILLED instead of leaving it RUNNING
         ids = [trainer.train(record, override(copy.deepcopy(exp), seed=seed), "confirm", f"confirm-seed-{seed}",

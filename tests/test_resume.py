@@ -16,7 +16,7 @@ import bench.interrupt
 import bench.train
 import bench.tune.study
 from bench import config, records
-from bench.checkpoint import EpochCheckpoint, checkpoint_dir
+from bench.checkpoint import EpochCheckpoint, checkpoint_dir, sweep_leftovers
 from bench.cli import cli
 from bench.config import TrainConfig
 from bench.data import CIFAR10
@@ -98,6 +98,22 @@ def test_a_checkpoint_of_other_settings_is_ignored_and_a_live_one_is_not_taken(t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_leftovers_of_killed_runs_are_swept_and_live_or_resumable_runs_kept(tmp_path):
+    for stem in ("killed_early", "killed_mid_write", "resumable", "live"):
+        (tmp_path / f"{stem}.lock").touch()
+    (tmp_path / "killed_mid_write.partial").write_bytes(b"half")
+    EpochCheckpoint(tmp_path / "resumable.pt", {}).save({"epoch": 3})
+    live = EpochCheckpoint(tmp_path / "live.pt", {})
+    assert live.lock()  # flock conflicts between two open files, as between two processes
+
+    swept = sweep_leftovers(tmp_path)
+
+    assert sorted(p.name for p in swept) == ["killed_early.lock", "killed_mid_write.lock", "killed_mid_write.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["live.lock", "resumable.lock", "resumable.pt"]
+    assert not EpochCheckpoint(live.path, {}).lock()  # still its owner's
+    live.remove()
+
+
 # ---------------------------------------------------------------- bench confirm
 
 
@@ -126,9 +142,12 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
     other_recipe = CliRunner().invoke(cli, [*args[:-4], "--epochs", "1", "--threads", "1"])  # not this checkpoint's recipe
     assert other_recipe.exit_code == 0 and "resuming" not in other_recipe.output, other_recipe.output
 
+    leftover = checkpoint_dir() / "killed-before-its-first-epoch.lock"
+    leftover.touch()
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming run {killed.info.run_id} after epoch 1/3" in resumed.output
+    assert not leftover.exists()
     run = mlflow.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and "bench.state" not in run.data.tags
     assert run.data.tags["bench.resumed_after_epoch"] == "1" and "test_acc" in run.data.metrics
