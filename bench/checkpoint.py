@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,12 +96,15 @@ class EpochCheckpoint:
             path.unlink(missing_ok=True)
 
 
-def sweep_leftovers(directory: str | Path) -> list[Path]:
+def sweep_leftovers(directory: str | Path, min_age: float = 60.0) -> list[Path]:
     """Delete what killed processes left in ``directory``: the lock or half-written file of a run that
-    has no checkpoint to resume (killed before its first epoch ended) and that no live process holds.
+    has no checkpoint to resume (killed before its first epoch ended), that no live process holds and
+    that is older than ``min_age`` seconds (a process opens its lock file an instant before taking it).
     Returns the deleted paths."""
     directory = Path(directory)
-    stems = {path.stem for pattern in ("*.lock", "*.partial") for path in directory.glob(pattern)}
+    now = time.time()
+    stems = {path.stem for pattern in ("*.lock", "*.partial") for path in directory.glob(pattern)
+             if now - path.stat().st_mtime > min_age}
     swept = []
     for stem in sorted(stems):
         leftover = EpochCheckpoint(directory / f"{stem}.pt", {})

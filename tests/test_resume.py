@@ -4,6 +4,8 @@ tracking server outside a study is one line (the real-server case is in test_fau
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import mlflow
@@ -106,6 +108,10 @@ def test_leftovers_of_killed_runs_are_swept_and_live_or_resumable_runs_kept(tmp_
     live = EpochCheckpoint(tmp_path / "live.pt", {})
     assert live.lock()  # flock conflicts between two open files, as between two processes
 
+    assert sweep_leftovers(tmp_path) == []  # too new: a process may be about to take its lock
+    an_hour_ago = time.time() - 3600
+    for path in tmp_path.iterdir():
+        os.utime(path, (an_hour_ago, an_hour_ago))
     swept = sweep_leftovers(tmp_path)
 
     assert sorted(p.name for p in swept) == ["killed_early.lock", "killed_mid_write.lock", "killed_mid_write.partial"]
@@ -144,6 +150,7 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
 
     leftover = checkpoint_dir() / "killed-before-its-first-epoch.lock"
     leftover.touch()
+    os.utime(leftover, (time.time() - 3600,) * 2)
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming run {killed.info.run_id} after epoch 1/3" in resumed.output
