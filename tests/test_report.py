@@ -246,7 +246,7 @@ def test_report_reads_a_chosen_trial_under_one_tta_and_one_epoch_count(studies):
 
     text = (build_report(f"bn=tta@{other}", studies / "reports" / "tta", tta="flip_shift1", confirm_epochs=1) / "report.md").read_text()
     row = table_row(text, "tta")
-    assert f"(#{other})" in row and "60.00% ± 14.14 pp (n=2)" in row and "| 1 epochs," in row
+    assert f"(#{other})" in row and "60.00% ± 14.14 pp (n=2)" in row and "| 1 epochs (tta_shift=0)," in row  # the setting changed from the trial shows
     assert "the same test-time augmentation, `flip_shift1`" in text
 
     with pytest.raises(TrackingError, match=r"no test accuracy under TTA 'flip_shift1'; score it with `bench rescore \w+ --shift 1`"):

@@ -49,7 +49,7 @@ def plot_curves(summaries: list[NormSummary], path: Path) -> None:
                 if not steps:
                     continue
                 ax.plot(steps, values.mean(0), style, color=color, marker="o", ms=3,
-                        label=f"{s.name} {key.split('_')[0]} ({len(runs)} {'seeds' if s.record.confirms else 'trial run'})")
+                        label=f"{s.name} {key.split('_')[0]} ({plural(len(runs), 'seed') if s.record.confirms else '1 trial run'})")
                 if len(runs) > 1:
                     ax.fill_between(steps, values.min(0), values.max(0), color=color, alpha=0.15)
     for ax, title in zip(axes[0], ("cross-entropy loss", "accuracy")):

@@ -41,7 +41,14 @@ def confirm_cell(s: NormSummary) -> str:
     if not s.record.confirms:
         return "—"
     epochs = "/".join(str(e) for e in s.confirm_epochs) or "?"
-    return f"{epochs} epochs, {s.confirm_minutes:.0f} min"
+    changed = recipe_changes(s.record.confirms[0])
+    return f"{epochs} epochs{f' ({changed})' if changed else ''}, {s.confirm_minutes:.0f} min"
+
+
+def recipe_changes(run) -> str:
+    """What a confirm run was re-trained with beyond the trial's settings and its epochs: ``lr=0.05, ...``;
+    the best-hyperparameters column shows the trial's values, so a changed one must show here."""
+    return ", ".join(part for part in run.data.tags.get(records.TAG_RECIPE, "").split() if not part.startswith("epochs="))
 
 
 def summary_table(summaries: list[NormSummary]) -> list[str]:
@@ -152,7 +159,7 @@ def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figure
         "Best val acc: the study's best complete trial (the tuning objective, tuning epochs). Test acc: the confirm seeds "
         "(mean ± sample std; 95% t-interval of the mean). Trial counts are the study's trial runs by final state. "
         "Study wall time sums every `bench tune` invocation. s / epoch: training seconds per epoch, mean over confirm runs "
-        "('(trial)': from the best trial, no confirm runs yet). Each confirm run: its epochs and mean wall time "
+        "('(trial)': from the best trial, no confirm runs yet). Each confirm run: its epochs, any setting it changed from the trial (`--set` at `bench confirm`) and mean wall time "
         "(training, per-epoch validation and the final test pass). A study given as NORM=STUDY@TRIAL reports that trial "
         "and its confirm runs instead of the best.", "",
         *summary_table(summaries), "", *tta_lines(summaries), "",
