@@ -102,9 +102,7 @@ def sweep_leftovers(directory: str | Path, min_age: float = 60.0) -> list[Path]:
     that is older than ``min_age`` seconds (a process opens its lock file an instant before taking it).
     Returns the deleted paths."""
     directory = Path(directory)
-    now = time.time()
-    stems = {path.stem for pattern in ("*.lock", "*.partial") for path in directory.glob(pattern)
-             if now - path.stat().st_mtime > min_age}
+    stems = {path.stem for pattern in ("*.lock", "*.partial") for path in directory.glob(pattern) if age(path) > min_age}
     swept = []
     for stem in sorted(stems):
         leftover = EpochCheckpoint(directory / f"{stem}.pt", {})
@@ -112,10 +110,18 @@ def sweep_leftovers(directory: str | Path, min_age: float = 60.0) -> list[Path]:
             continue
         for path in (leftover.path.with_suffix(".partial"), leftover.path.with_suffix(".lock")):
             if path.exists():
-                path.unlink()  # the lock file last, while this process still holds it
+                path.unlink(missing_ok=True)  # the lock file last, while this process still holds it
                 swept.append(path)
         leftover.unlock()
     return swept
+
+
+def age(path: Path) -> float:
+    """Seconds since ``path`` was last written; 0 if it is gone (a run that finished meanwhile removes its files)."""
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def capture(epoch: int, parts: dict[str, Any], generator: torch.Generator, history: list[dict[str, float]], seconds: float) -> dict[str, Any]:

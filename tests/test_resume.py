@@ -18,7 +18,7 @@ import bench.interrupt
 import bench.train
 import bench.tune.study
 from bench import config, records
-from bench.checkpoint import EpochCheckpoint, checkpoint_dir, sweep_leftovers
+from bench.checkpoint import EpochCheckpoint, age, checkpoint_dir, sweep_leftovers
 from bench.cli import cli
 from bench.config import TrainConfig
 from bench.data import CIFAR10
@@ -118,6 +118,7 @@ def test_leftovers_of_killed_runs_are_swept_and_live_or_resumable_runs_kept(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["live.lock", "resumable.lock", "resumable.pt"]
     assert not EpochCheckpoint(live.path, {}).lock()  # still its owner's
     live.remove()
+    assert age(tmp_path / "finished-meanwhile.lock") == 0  # a file removed between listing and reading is no leftover
 
 
 # ---------------------------------------------------------------- bench confirm
