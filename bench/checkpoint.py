@@ -90,10 +90,14 @@ class EpochCheckpoint:
         torch.save({**state, "config": self.config}, partial)
         os.replace(partial, self.path)  # a crash mid-write leaves the previous epoch's file whole
 
+    def files(self) -> tuple[Path, Path, Path]:
+        """The checkpoint, its half-written copy and its lock, the lock last."""
+        return self.path, self.path.with_suffix(".partial"), self.path.with_suffix(".lock")
+
     def remove(self) -> None:
+        for path in self.files():
+            path.unlink(missing_ok=True)  # the lock file last, while a holder still holds it
         self.unlock()
-        for path in (self.path, self.path.with_suffix(".lock"), self.path.with_suffix(".partial")):
-            path.unlink(missing_ok=True)
 
 
 def sweep_leftovers(directory: str | Path, min_age: float = 60.0) -> list[Path]:
@@ -108,11 +112,8 @@ def sweep_leftovers(directory: str | Path, min_age: float = 60.0) -> list[Path]:
         leftover = EpochCheckpoint(directory / f"{stem}.pt", {})
         if leftover.path.exists() or not leftover.lock():
             continue
-        for path in (leftover.path.with_suffix(".partial"), leftover.path.with_suffix(".lock")):
-            if path.exists():
-                path.unlink(missing_ok=True)  # the lock file last, while this process still holds it
-                swept.append(path)
-        leftover.unlock()
+        swept += [path for path in leftover.files() if path.exists()]
+        leftover.remove()
     return swept
 
 
