@@ -126,6 +126,7 @@ class OneLineErrors(click.Group):
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = list(kwargs.get("args") or (args[0] if args else None) or sys.argv[1:])
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as err:  # bare `bench`: the help, as click prints it
@@ -133,9 +134,22 @@ class OneLineErrors(click.Group):
             sys.exit(err.exit_code)
         except click.ClickException as err:
             hint = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
-            click.echo(f"error: {err.format_message()}{hint}", err=True)
+            click.echo(f"error: {misplaced_experiment_file(err, argv) or err.format_message() + hint}", err=True)
             sys.exit(err.exit_code)
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def misplaced_experiment_file(err: click.ClickException, argv: list[str]) -> str | None:
+    """`bench tune experiments/x.toml`: the file given as an argument, which no command takes. Say where it goes."""
+    ctx = getattr(err, "ctx", None)
+    if ctx is None or "unexpected extra argument" not in err.format_message():
+        return None
+    if not any(param.name == "experiment_file" for param in ctx.command.params):
+        return None
+    stray = [arg for before, arg in zip([None, *argv], argv) if arg.endswith(".toml") and before not in ("-e", "--experiment")]
+    if not stray:
+        return None
+    return f"{stray[0]} is an experiment file: pass it with -e (`{ctx.command_path} -e {stray[0]} ...`)"

@@ -172,3 +172,10 @@ def test_click_usage_errors_are_one_line_too():
 def test_bad_flag_value_is_rejected_by_click():
     result = invoke("train", "--norm", "instance")
     assert result.exit_code == 2 and "Invalid value for '--norm'" in result.output
+
+
+def test_experiment_file_given_as_an_argument_says_to_use_e():
+    assert_user_error(invoke("tune", "--norm", "gn", "experiments/gated_gn.toml", "--trials", "1"),
+                      "experiments/gated_gn.toml is an experiment file: pass it with -e", "-e experiments/gated_gn.toml")
+    # Any other stray argument keeps click's own message.
+    assert_user_error(invoke("tune", "--norm", "gn", "stray"), "unexpected extra argument (stray)", "tune --help")
