@@ -54,7 +54,8 @@ def train_tracked(
     n_params = count_params(model)
     if track and not resumed_epochs:
         tracking.log_params({**exp.hyperparameters(), "max_params": exp.budget.max_params}, metrics={"n_params": n_params},
-                            tags={tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe()})
+                            tags={tracking.TAG_NORM: exp.model.norm, "bench.preset": exp.model.preset, "bench.runtime": rt.describe(),
+                                  tracking.TAG_HARDWARE: rt.hardware()})
         tracking.log_dataset(data)
 
     def after_epoch(epoch: int, record: dict[str, float]) -> None:

@@ -4,12 +4,14 @@ device without importing the training loops."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,18 @@ class Runtime:
     def describe(self) -> str:
         fmt = "channels_last" if self.memory_format == torch.channels_last else "nchw"
         return f"{self.device.type} {str(self.dtype).removeprefix('torch.')} {fmt} threads={torch.get_num_threads()}"
+
+    def hardware(self) -> str:
+        """The processor the run's seconds per epoch belong to: the GPU's name, else the CPU model."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else cpu_name()
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def default_device() -> torch.device:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -23,7 +24,8 @@ from bench.cli import cli
 from bench.data import CIFAR10
 from bench.console import duration
 from bench.report import build_report
-from bench.report.tables import pct
+from bench.report.tables import hardware_line, pct
+from bench.runtime import cpu_name
 from bench.tune import TuneOptions, run_study
 from conftest import module_store
 REPO = Path(__file__).resolve().parents[1]
@@ -135,6 +137,7 @@ def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies
         assert f"[{pct(accs.mean() - half)}, {pct(accs.mean() + half)}]" in row
         epoch_seconds = np.mean([r.data.metrics["mean_epoch_seconds"] for r in runs(norm, "confirm")])
         assert f"| {epoch_seconds:.1f} |" in row
+        assert {r.data.tags["bench.hardware"] for r in runs(norm, "confirm")} == {cpu_name()}  # what the seconds were measured on
         batch = runs(norm, "batch_size")[0]
         assert batch.data.params["batch_size"] == "50"
         assert float(batch.data.params["lr"]) == pytest.approx(float(best.data.params["lr"]) / 2)
@@ -144,6 +147,7 @@ def test_report_from_mlflow_alone_holds_every_section_and_mlflow_numbers(studies
     t = (a.mean() - b.mean()) / math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2)
     assert f"t = {t:.2f}" in text
     assert re.search(r"\*\*Larger than the seed-to-seed spread:\*\* .+\.\n\*\*Within the spread:\*\* .+\.", text)
+    assert f"Timings (s / epoch, wall time) from runs on one processor: {cpu_name()}." in text
 
     report_run = runs("reports", "report")[0]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(report_run.info.run_id)}
@@ -394,3 +398,14 @@ def test_the_seed_layernorm_study_is_confirmed_by_its_norm_alone(cifar, tmp_path
         invoke("confirm", "--norm", "lnchw", "--seeds", "1", "--epochs", "1", "--threads", "1")
         confirmed = runs("seed_gn", "confirm")
     assert len(confirmed) == 1 and confirmed[0].data.params["norm"] == "lnchw"
+
+
+def test_timings_from_different_processors_are_flagged_per_norm():
+    xeon, epyc = "Intel(R) Xeon(R) Platinum", "AMD EPYC"
+    same = [SimpleNamespace(name="bn", hardware={epyc: 2}), SimpleNamespace(name="ln", hardware={epyc: 1})]
+    assert hardware_line(same) == f"Timings (s / epoch, wall time) from runs on one processor: {epyc}."
+    mixed = [SimpleNamespace(name="bn", hardware={xeon: 2}), SimpleNamespace(name="ln", hardware={xeon: 1, epyc: 1}),
+             SimpleNamespace(name="gn", hardware={"not recorded": 1})]
+    line = hardware_line(mixed)
+    assert line.startswith("**Timings come from different processors**")
+    assert f"bn: {xeon} (2 runs); ln: {xeon} (1 run), {epyc} (1 run); gn: not recorded (1 run)" in line

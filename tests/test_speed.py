@@ -22,7 +22,8 @@ from bench.speed import (GridOptions, render_grid, SpeedOptions, bench_model, re
                          seed_model, time_to_accuracy, write_json)
 from bench.speed import ablation, benchmark, grid, measure, to_accuracy
 from bench.speed.ablation import StepSetup
-from bench.speed.measure import cpu_name, flops_per_image, interleaved, matmul_gflops
+from bench.runtime import cpu_name
+from bench.speed.measure import flops_per_image, interleaved, matmul_gflops
 
 # seed_bn's convolution output channels, as bench/models/seed.py builds them at width 1 and 1.75
 CHANNELS = {1.0: [16, 32, 10, 16, 16, 16, 10, 16, 16, 16, 10], 1.75: [28, 56, 10, 28, 28, 28, 10, 28, 28, 28, 10]}

@@ -5,12 +5,13 @@ comparisons against seed noise.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
 
 import numpy as np
 
-from .. import records, stats
+from .. import records, stats, tracking
 from ..errors import ConfigError
 from ..records import StudyRecord
 
@@ -45,6 +46,12 @@ class NormSummary:
     @property
     def trained_tta(self) -> list[str]:
         return sorted({records.trained_tta(r) for r in self.record.confirms})
+
+    @property
+    def hardware(self) -> dict[str, int]:
+        """Processor -> number of the runs behind the timings (the confirm runs, else the best trial)."""
+        runs = self.record.confirms or [self.record.best]
+        return dict(Counter(r.data.tags.get(tracking.TAG_HARDWARE, "not recorded") for r in runs))
 
     @property
     def name(self) -> str:

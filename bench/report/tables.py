@@ -6,7 +6,7 @@ import math
 import time
 
 from .. import records, stats, tracking
-from ..console import duration
+from ..console import duration, plural
 from .numbers import ALPHA, Comparison, NormSummary, trained_trials
 
 
@@ -79,6 +79,16 @@ def tta_lines(summaries: list[NormSummary]) -> list[str]:
         return [f"**Warning:** the norms' confirm runs were scored with different test-time augmentation ({used}), so "
                 "their differences mix norm and evaluation; re-run with `--tta` naming one recipe to compare like with like."]
     return [f"Test accuracies are scored as trained, test-time augmentation `{next(iter(trained.values()))}`."] if trained else []
+
+
+def hardware_line(summaries: list[NormSummary]) -> str:
+    """Which processors the timings come from: seconds per epoch compare only on one."""
+    processors = {cpu for s in summaries for cpu in s.hardware}
+    if len(processors) == 1:
+        return f"Timings (s / epoch, wall time) from runs on one processor: {processors.pop()}."
+    each = "; ".join(f"{s.name}: " + ", ".join(f"{cpu} ({plural(n, 'run')})" for cpu, n in s.hardware.items()) for s in summaries)
+    return (f"**Timings come from different processors** ({each}): compare s / epoch only within one; "
+            "`bench speed --experiments` times models side by side on one machine.")
 
 
 def statement(comparisons: list[Comparison]) -> list[str]:
@@ -162,7 +172,7 @@ def markdown(summaries: list[NormSummary], comparisons: list[Comparison], figure
         "('(trial)': from the best trial, no confirm runs yet). Each confirm run: its epochs, any setting it changed from the trial (`--set` at `bench confirm`) and mean wall time "
         "(training, per-epoch validation and the final test pass). A study given as NORM=STUDY@TRIAL reports that trial "
         "and its confirm runs instead of the best.", "",
-        *summary_table(summaries), "", *tta_lines(summaries), "",
+        *summary_table(summaries), "", *tta_lines(summaries), "", hardware_line(summaries), "",
         "## Which differences are larger than the seed-to-seed spread", "",
         *statement(comparisons), "",
         "## Training curves", "", figures["curves"], "",

@@ -18,10 +18,10 @@ import torch
 from ..config import TrainConfig
 from ..data import CIFAR10, Split
 from ..models import count_params
-from ..runtime import default_device, setup_threads
+from ..runtime import cpu_name, default_device, setup_threads
 from .ablation import eval_ablation, train_ablation
 from .harness import bench_config, bench_eval_runner, bench_model, bench_train_runner, describe
-from .measure import cpu_name, flops_per_image, interleaved, matmul_gflops, profile_runner, spread, warm_up
+from .measure import flops_per_image, interleaved, matmul_gflops, profile_runner, spread, warm_up
 from .options import SpeedOptions, train_images, validate
 from .seed import seed_eval_runner, seed_loader, seed_model, seed_sgd, seed_train_runner
 

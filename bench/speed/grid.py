@@ -19,10 +19,10 @@ from ..config import TrainConfig, find_experiment, load, override, parse_assignm
 from ..data import CIFAR10
 from ..errors import ConfigError
 from ..models import count_params, create_model
-from ..runtime import default_device, resolve_runtime, setup_threads
+from ..runtime import cpu_name, default_device, resolve_runtime, setup_threads
 from ..train import create_optimizer, step_model
 from .harness import epoch_runner
-from .measure import cpu_name, interleaved, warm_up
+from .measure import interleaved, warm_up
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """The measuring core of ``bench speed``: the runner contract, interleaved timing and its spread,
-the machine's matmul peak, FLOPs per image, the op profile and the CPU's name.
+the machine's matmul peak, FLOPs per image and the op profile.
 
 A runner is ``run(images) -> images done``: it trains or evaluates on that many images. Everything
 here times runners or models without knowing which pipeline they belong to.
@@ -7,12 +7,9 @@ here times runners or models without knowing which pipeline they belong to.
 
 from __future__ import annotations
 
-import contextlib
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -82,9 +79,3 @@ def profile_runner(run: Runner, images: int, top: int = 12) -> list[dict[str, fl
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total, "calls": e.count} for e in ranked]
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()

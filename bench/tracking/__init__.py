@@ -8,7 +8,7 @@ one parent run per ``bench tune`` invocation and one nested run per trial.
 
 from . import mlflow_log
 from .store import (DEFAULT_TRACKING_URI, MLRUNS, TAG_KIND, TAG_NORM, TAG_STUDY, TAG_EXPERIMENT,
-    TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND, TRAINING_KINDS, mask_url,
+    TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TAG_HARDWARE, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND, TRAINING_KINDS, mask_url,
     resolve_uri, _quiet, setup, artifact_location, experiment_id, tag_experiments)
 from .runs import (run, mark_resumed, system_metrics_enabled, log_params, log_dataset, log_metrics, set_tags,
     PARENT_SETTLE_SECONDS, open_parent, find_trial_run, run_params, close_run, trial_runs, log_to_run)

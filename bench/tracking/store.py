@@ -26,6 +26,7 @@ TAG_STATE = "bench.state"  # COMPLETE | PRUNED | FAIL | REJECTED | INTERRUPTED
 TAG_TRIAL = "optuna.trial_number"
 TAG_ERROR = "bench.error"
 TAG_RESUMED = "bench.resumed_after_epoch"  # a confirm run reopened from its epoch checkpoint
+TAG_HARDWARE = "bench.hardware"  # the CPU model or GPU a training run ran on
 
 # MLflow's record of what an experiment is for (its UI 3.17 picks an experiment's page from its own
 # GenAI / Model training switch instead: see servers.runs_url).
