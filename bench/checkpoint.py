@@ -49,13 +49,15 @@ class EpochCheckpoint:
 
     def __init__(self, path: str | Path, config: dict[str, str]):
         self.path = Path(path)
+        self.partial_path = self.path.with_suffix(".partial")  # the next epoch's file while it is written
+        self.lock_path = self.path.with_suffix(".lock")
         self.config = config
         self._lock = None
 
     def lock(self) -> bool:
         """Take the run for this process; False if another live process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path.with_suffix(".lock"), "a")
+        handle = open(self.lock_path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -66,7 +68,7 @@ class EpochCheckpoint:
 
     def held(self) -> bool:
         """Whether another live process holds this run (probes the lock without keeping it)."""
-        if self._lock is not None or not self.path.with_suffix(".lock").exists():
+        if self._lock is not None or not self.lock_path.exists():
             return False
         if not self.lock():
             return True
@@ -86,13 +88,12 @@ class EpochCheckpoint:
         return state if same_training(state.get("config") or {}, self.config) else None
 
     def save(self, state: dict[str, Any]) -> None:
-        partial = self.path.with_suffix(".partial")
-        torch.save({**state, "config": self.config}, partial)
-        os.replace(partial, self.path)  # a crash mid-write leaves the previous epoch's file whole
+        torch.save({**state, "config": self.config}, self.partial_path)
+        os.replace(self.partial_path, self.path)  # a crash mid-write leaves the previous epoch's file whole
 
     def files(self) -> tuple[Path, Path, Path]:
         """The checkpoint, its half-written copy and its lock, the lock last."""
-        return self.path, self.path.with_suffix(".partial"), self.path.with_suffix(".lock")
+        return self.path, self.partial_path, self.lock_path
 
     def remove(self) -> None:
         for path in self.files():
