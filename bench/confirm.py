@@ -119,7 +119,7 @@ class Trainer:
             with tracking.run(record.study, name, kind, tags=tags, parent_run_id=record.best_parent_id or None,
                               run_id=unfinished.info.run_id if unfinished else None) as active:
                 if unfinished:
-                    tracking.mark_resumed(unfinished, epochs_done)
+                    tracking.mark_resumed(unfinished, epochs_done, rt.hardware())
                     self.console.print(f"{label}resuming run {active.info.run_id} after epoch {epochs_done}/{exp.train.epochs}")
                 else:
                     checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)

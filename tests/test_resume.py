@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 import bench.confirm
 import bench.interrupt
+import bench.runtime
 import bench.train
 import bench.tune.study
 from bench import config, records
@@ -152,6 +153,8 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
     leftover = checkpoint_dir() / "killed-before-its-first-epoch.lock"
     leftover.touch()
     os.utime(leftover, (time.time() - 3600,) * 2)
+    first_machine = killed.data.tags["bench.hardware"]
+    monkeypatch.setattr(bench.runtime, "cpu_name", lambda: "Another CPU")  # the seed resumes on another machine
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming run {killed.info.run_id} after epoch 1/3" in resumed.output
@@ -159,6 +162,7 @@ def test_confirm_resumes_an_interrupted_seed_in_the_same_run(study, monkeypatch)
     run = mlflow.get_run(killed.info.run_id)
     assert run.info.status == "FINISHED" and "bench.state" not in run.data.tags
     assert run.data.tags["bench.resumed_after_epoch"] == "1" and "test_acc" in run.data.metrics
+    assert run.data.tags["bench.hardware"] == f"{first_machine}, then Another CPU"  # its seconds span both
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")]
     assert sorted(steps) == [1, 2, 3]  # each epoch logged once, across the two sessions
     assert not list(checkpoint_dir().glob(f"{run.info.run_id}.*"))

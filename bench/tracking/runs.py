@@ -12,7 +12,7 @@ import numpy as np
 
 from .. import faults
 from ..errors import BudgetError
-from .store import TAG_KIND, TAG_STUDY, TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TRAINING_KINDS, mask_url, experiment_id
+from .store import TAG_KIND, TAG_STUDY, TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TAG_HARDWARE, TRAINING_KINDS, mask_url, experiment_id
 
 
 @contextlib.contextmanager
@@ -47,14 +47,18 @@ def run(experiment: str, run_name: str, kind: str, tags: dict[str, Any] | None =
         mlflow.end_run("FINISHED")
 
 
-def mark_resumed(run: Any, epochs_done: int) -> None:
-    """On the reopened ``run``: drop the interruption's state and error tags, record where it resumed."""
+def mark_resumed(run: Any, epochs_done: int, hardware: str) -> None:
+    """On the reopened ``run``: drop the interruption's state and error tags, record where it resumed,
+    and add ``hardware`` to the processors its epochs ran on when this machine is another one."""
     import mlflow
 
     for tag in (TAG_STATE, TAG_ERROR):
         if tag in run.data.tags:
             mlflow.delete_tag(tag)
     mlflow.set_tag(TAG_RESUMED, epochs_done)
+    ran_on = run.data.tags.get(TAG_HARDWARE)
+    if ran_on and not ran_on.endswith(hardware):
+        mlflow.set_tag(TAG_HARDWARE, f"{ran_on}, then {hardware}")
 
 
 def system_metrics_enabled() -> bool:
