@@ -57,7 +57,7 @@ def mark_resumed(run: Any, epochs_done: int, hardware: str) -> None:
             mlflow.delete_tag(tag)
     mlflow.set_tag(TAG_RESUMED, epochs_done)
     ran_on = run.data.tags.get(TAG_HARDWARE)
-    if ran_on and not ran_on.endswith(hardware):
+    if ran_on and ran_on.split(", then ")[-1] != hardware:
         mlflow.set_tag(TAG_HARDWARE, f"{ran_on}, then {hardware}")
 
 
