@@ -17,7 +17,9 @@ from bench.config import Experiment, TrainConfig, load, override
 from bench.confirm import best_experiment, recipe
 from bench.errors import ConfigError
 from bench.records import StudyRecord
+import bench.models.depthwise
 from bench.models import create_model
+from bench.models.depthwise import DepthwiseConv2d, depthwise_weight_grad as weight_grad
 from bench.speed.grid import experiment_variant
 from bench.train import fit, resolve_runtime
 from bench.tune.space import fixed_recipe
@@ -55,6 +57,22 @@ def test_a_compiled_step_learns_what_the_eager_step_learns(small_cifar):
     for name, tensor in eager_model.state_dict().items():
         torch.testing.assert_close(compiled_model.state_dict()[name], tensor, rtol=1e-3, atol=1e-3)
     assert compiled.test_acc == pytest.approx(eager.test_acc, abs=0.01)
+
+
+@needs_compiler
+def test_a_compiled_depthwise_conv_computes_its_weight_gradient_as_a_fused_sum(monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench.models.depthwise, "depthwise_weight_grad",
+                        lambda *args: calls.append(args[2]) or weight_grad(*args))
+    torch.manual_seed(0)
+    conv = DepthwiseConv2d(8, 8, 5, padding=2, groups=8, bias=False)
+    plain = torch.nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
+    plain.load_state_dict(conv.state_dict())
+    x = torch.randn(4, 8, 12, 12).contiguous(memory_format=torch.channels_last)
+    torch.compile(lambda t: conv(t).square().sum(), dynamic=False)(x).backward()
+    plain(x).square().sum().backward()
+    assert calls == [5]  # traced once into the compiled backward
+    torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from bench.config import load, override
 from bench.errors import BudgetError, ConfigError
 from bench.models import ConvNeXtBlock, build_checked, count_params, count_params_fast, create_model, list_models
-from bench.models.convnext import DepthwiseConv2d
+from bench.models.depthwise import DepthwiseConv2d, DepthwiseConvFunction
 from bench.models.layers import ChannelLayerNorm, make_norm
 
 KERNEL = 7  # ConvNeXt's, the default
@@ -92,6 +92,29 @@ def test_depthwise_conv_stays_float32_under_cpu_bf16_autocast_and_matches_nn_con
         # the 1x1 conv after it still runs in bf16
         assert nn.Conv2d(8, 4, 1)(dw(x)).dtype == torch.bfloat16
     torch.testing.assert_close(dw(x), plain(x))
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+def test_the_depthwise_function_has_nn_conv2ds_output_and_gradients(kernel):
+    torch.manual_seed(kernel)
+    plain = nn.Conv2d(6, 6, kernel, padding=kernel // 2, groups=6, bias=False)
+    x = torch.randn(3, 6, 9, 9).contiguous(memory_format=torch.channels_last).requires_grad_()
+    ours_x = x.detach().clone().requires_grad_()
+    weight = plain.weight.detach().clone().requires_grad_()
+    grad = torch.randn(3, 6, 9, 9)
+    plain(x).backward(grad)
+    out = DepthwiseConvFunction.apply(ours_x, weight, kernel // 2)
+    out.backward(grad)
+    torch.testing.assert_close(out, plain(x))
+    torch.testing.assert_close(ours_x.grad, x.grad)
+    torch.testing.assert_close(weight.grad, plain.weight.grad)
+
+
+@pytest.mark.parametrize("changes", [{"stride": 2}, {"dilation": 2}, {"bias": True}, {"padding": 0}])
+def test_only_a_plain_same_size_depthwise_conv_takes_the_fused_path(changes):
+    assert DepthwiseConv2d(4, 4, 5, padding=2, groups=4, bias=False).plain_depthwise()
+    kwargs = {"padding": 2, "bias": False, **changes}
+    assert not DepthwiseConv2d(4, 4, 5, groups=4, **kwargs).plain_depthwise()
 
 
 def test_over_budget_shape_is_refused_naming_its_count():

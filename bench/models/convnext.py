@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .depthwise import DepthwiseConv2d
 from .layers import NUM_CLASSES, Dropout, make_norm, staged_shape
 from .registry import register_model
 from .stems import make_stem
@@ -40,18 +41,6 @@ def stochastic_depth(rate: float) -> nn.Module:
     from torchvision.ops import StochasticDepth  # only when used: importing torchvision costs every command ~1.6 s
 
     return StochasticDepth(rate, "row")
-
-
-class DepthwiseConv2d(nn.Conv2d):
-    """A depthwise conv that stays in float32 on the CPU under bf16 autocast. oneDNN's bf16 depthwise
-    5x5 and 7x7 kernels train 3-4x slower than its float32 ones on the CPUs here (docs/convnext.md);
-    the 1x1 convs around it, where bf16 pays, still run in bf16. Same parameters as nn.Conv2d."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-            return super().forward(x)
-        with torch.autocast("cpu", enabled=False):
-            return super().forward(x.float())
 
 
 class GatedReLU(nn.Module):
