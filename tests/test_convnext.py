@@ -117,6 +117,13 @@ def test_only_a_plain_same_size_depthwise_conv_takes_the_fused_path(changes):
     assert not DepthwiseConv2d(4, 4, 5, groups=4, **kwargs).plain_depthwise()
 
 
+@pytest.mark.parametrize("norm, fused", [("bn", True), ("lnc", True), ("gn", False), ("ln", False)])
+def test_the_fused_weight_gradient_is_off_where_a_groupnorm_follows_the_conv(norm, fused):
+    model = create_model(**default(norm))
+    convs = [m for m in model.modules() if isinstance(m, DepthwiseConv2d)]
+    assert convs and all(conv.fused_weight_grad is fused for conv in convs)
+
+
 def test_over_budget_shape_is_refused_naming_its_count():
     kwargs = default("bn", width3=64, blocks2=2)
     n = count_params_fast(**kwargs)

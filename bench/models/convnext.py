@@ -71,10 +71,14 @@ class ConvNeXtBlock(nn.Module):
                  expansion: int = 4, gated: bool = False, layer_scale: float = 0.0):
         super().__init__()
         hidden = expansion * channels
+        after = norm_layer(norm, channels, groups)
+        # Compiled, the fused weight gradient wins after BatchNorm (1.42x the whole bn step) and lnc, and
+        # loses after GroupNorm (gn, ln: 0.9x), whose backward inductor lays out NCHW (docs/speed.md).
+        fused = not isinstance(after, nn.GroupNorm)
         self.residual = nn.Sequential(
             # No bias: the norm right after it has its own shift.
-            DepthwiseConv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False),
-            norm_layer(norm, channels, groups),
+            DepthwiseConv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False, fused_weight_grad=fused),
+            after,
             # 1x1 convs rather than Linear on permuted tensors: the layout stays NCHW or channels-last.
             nn.Conv2d(channels, 2 * hidden if gated else hidden, 1),
             GatedReLU() if gated else nn.GELU(),

@@ -5,7 +5,8 @@ its bf16 kernels run 3-4x slower than its float32 ones, and in float32 the weigh
 times the forward pass (a 5x5 over 32 channels at 32x32, batch 128: forward 4 ms, input gradient 5 ms,
 weight gradient 32 ms). So on the CPU the conv runs in float32 under bf16 autocast, and inside a
 ``torch.compile``d step its weight gradient is written as k^2 shifted products summed over the batch,
-which inductor fuses into one pass over the activations (15 ms there).
+which inductor fuses into one pass over the activations (15 ms there) when the gradient reaching the
+conv is channels-last; the family turns this off where the norm after the conv is a GroupNorm.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import torch.nn.functional as F
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """A depthwise conv (``groups == in_channels``, no bias, stride 1, odd kernel) with the CPU paths
-    above. Same parameters and names as nn.Conv2d, so logged models load into either."""
+    """A depthwise conv with the CPU paths above (the fused one only where ``plain_depthwise``); ``fused_weight_grad=False`` keeps oneDNN's weight gradient when compiled too. Same parameters
+    and names as nn.Conv2d, so logged models load into either."""
+
+    def __init__(self, *args, fused_weight_grad: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fused_weight_grad = fused_weight_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":
             return super().forward(x)
         with torch.autocast("cpu", enabled=False):
             x = x.float()
-            if torch.compiler.is_compiling() and self.plain_depthwise():
+            if self.fused_weight_grad and torch.compiler.is_compiling() and self.plain_depthwise():
                 return DepthwiseConvFunction.apply(x, self.weight, self.padding[0])
             return super().forward(x)
 
