@@ -88,6 +88,7 @@ class TrainConfig:
     schedule: str = "onecycle"
     lr_warmup_epochs: float = 0.0  # cosine / constant: linear warm-up from lr/100 over this many epochs first
     label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # clip the gradients' global L2 norm to this before each step; 0 = off
     crop_padding: int = 4
     flip: bool = True
     cutout: int = 0  # side of the square cut out of each training image; 0 = off

@@ -35,6 +35,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "momentum": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
     "weight_decay": (lambda v: v >= 0, "must be >= 0"),
     "label_smoothing": (_between(0, 1, hi_open=True), "must be in [0, 1)"),
+    "grad_clip": (lambda v: v >= 0, "must be >= 0 (a global L2 norm, e.g. 1.0; 0 = off)"),
     "crop_padding": (_between(0, 32), "must be in [0, 32]"),
     "cutout": (_between(0, 32), "must be in [0, 32]"),
     "erasing": (_between(0, 1), "must be in [0, 1] (a probability; 0 = off)"),

@@ -88,11 +88,13 @@ def train_one_epoch(
     on_step: Callable[[int, float, float], None] | None = None,
     ema: AveragedModel | None = None,
 ) -> tuple[float, float]:
-    """One pass over ``split``; returns (mean loss, accuracy). Raises DivergedError on NaN/inf loss.
+    """One pass over ``split``; returns (mean loss, accuracy, the largest gradient norm of a step, before
+    ``cfg.grad_clip``). Raises DivergedError on NaN/inf loss.
     ``ema``, if given, is updated after every optimiser step."""
     model.train()
     total_loss = torch.zeros((), device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
+    grad_norm_max = torch.zeros((), device=rt.device)
     seen = 0
     batches = train_batches(
         split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.erasing,
@@ -107,6 +109,7 @@ def train_one_epoch(
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norm_max = torch.maximum(grad_norm_max, clip_gradients(model, cfg.grad_clip))
         optimizer.step()
         scheduler.step()
         if ema is not None:
@@ -119,7 +122,16 @@ def train_one_epoch(
             if on_step:
                 on_step(seen, total_loss.item() / seen, correct.item() / seen)
     _check_finite(total_loss, step, optimizer)
-    return total_loss.item() / seen, correct.item() / seen
+    return total_loss.item() / seen, correct.item() / seen, grad_norm_max.item()
+
+
+def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global L2 norm of the gradients, taken before clipping them to ``max_norm`` (0 = no clipping)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
 
 
 def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> None:
@@ -268,7 +280,7 @@ def fit(
     for epoch in range(done + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_acc = train_one_epoch(stepped, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
+        train_loss, train_acc, grad_norm_max = train_one_epoch(stepped, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, validation_shift(cfg, epoch))
@@ -278,6 +290,7 @@ def fit(
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": lr,
+            "grad_norm_max": grad_norm_max,
             "epoch_seconds": seconds,
             "images_per_s": len(train_split) / seconds,
             "eval_seconds": time.perf_counter() - t1,

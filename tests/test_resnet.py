@@ -258,6 +258,7 @@ def test_sampled_over_budget_architecture_is_caught_before_any_model_is_built(no
     ({"blocks2": -1}, "blocks2 must be >= 0"),
     ({"dropout_at": "stem"}, "dropout_at: 'stem' is not one of head, blocks"),
     ({"ema": 1.0}, r"ema must be in \[0, 1\)"),
+    ({"grad_clip": -1.0}, r"grad_clip must be >= 0 \(a global L2 norm"),
     ({"stride3": 3}, "stride3 must be 1 or 2"),
     ({"preset": "convnext", "stride2": 1}, "stride2 applies to preset resnet, not 'convnext'; remove it or set stride2=2"),
 ])

@@ -16,6 +16,7 @@ from bench.errors import DivergedError
 from bench.models import create_model
 from bench.train import (
     check_collapse,
+    clip_gradients,
     create_ema,
     create_optimizer,
     create_scheduler,
@@ -27,7 +28,7 @@ from bench.train import (
 )
 
 TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
-RECORD_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} | TIMING_KEYS
+RECORD_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm_max"} | TIMING_KEYS
 
 
 def tiny(data: CIFAR10, n_train=512, n_val=200, n_test=200) -> CIFAR10:
@@ -156,6 +157,25 @@ def test_on_epoch_can_stop_the_run(small_cifar):
 
 
 # ---------------------------------------------------------------- divergence
+
+
+def test_clip_gradients_returns_the_norm_before_clipping_and_scales_to_the_bound():
+    layer = nn.Linear(4, 3)
+    layer.weight.grad, layer.bias.grad = torch.full((3, 4), 3.0), torch.full((3,), 4.0)
+    norm = math.sqrt(12 * 9 + 3 * 16)
+    assert clip_gradients(layer, 0.0).item() == pytest.approx(norm)  # 0: measured, not clipped
+    assert layer.weight.grad.eq(3.0).all() and layer.bias.grad.eq(4.0).all()
+    assert clip_gradients(layer, 1.0).item() == pytest.approx(norm)
+    assert torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm().item() == pytest.approx(1.0, rel=1e-4)
+    assert layer.weight.grad[0, 0].item() / layer.bias.grad[0].item() == pytest.approx(3 / 4)  # same direction
+
+
+def test_each_epoch_records_its_largest_gradient_norm_and_grad_clip_changes_the_steps(small_cifar):
+    data = tiny(small_cifar, 256, 100, 100)
+    free = fit(new_model(), data, cfg(epochs=2, batch_size=64))
+    clipped = fit(new_model(), data, cfg(epochs=2, batch_size=64, grad_clip=0.05))
+    assert all(0 < r["grad_norm_max"] < math.inf for r in free.history + clipped.history)
+    assert clipped.history[0]["train_loss"] != free.history[0]["train_loss"]
 
 
 def test_huge_learning_rate_raises_diverged(small_cifar):
