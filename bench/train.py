@@ -87,7 +87,7 @@ def train_one_epoch(
     generator: torch.Generator,
     on_step: Callable[[int, float, float], None] | None = None,
     ema: AveragedModel | None = None,
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """One pass over ``split``; returns (mean loss, accuracy, the largest gradient norm of a step, before
     ``cfg.grad_clip``). Raises DivergedError on NaN/inf loss.
     ``ema``, if given, is updated after every optimiser step."""
@@ -126,12 +126,9 @@ def train_one_epoch(
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """The global L2 norm of the gradients, taken before clipping them to ``max_norm`` (0 = no clipping)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if max_norm:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-    return norm
+    """The global L2 norm of the gradients, taken before clipping them to ``max_norm`` (0 = no clipping:
+    an infinite bound scales them by exactly 1)."""
+    return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
 
 
 def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> None:

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 
 class DepthwiseConv2d(nn.Conv2d):
-    """A depthwise conv with the CPU paths above (the fused one only where ``plain_depthwise``); ``fused_weight_grad=False`` keeps oneDNN's weight gradient when compiled too. Same parameters
-    and names as nn.Conv2d, so logged models load into either."""
+    """A depthwise conv with the CPU paths above, the fused one only where ``plain_depthwise`` and not
+    turned off with ``fused_weight_grad=False``. Same parameters and names as nn.Conv2d, so logged models
+    load into either."""
 
     def __init__(self, *args, fused_weight_grad: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
