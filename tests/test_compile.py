@@ -11,13 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import bench.models.depthwise
 import bench.runtime
 from bench.checkpoint import EpochCheckpoint, run_config
 from bench.config import Experiment, TrainConfig, load, override
 from bench.confirm import best_experiment, recipe
 from bench.errors import ConfigError
 from bench.records import StudyRecord
-import bench.models.depthwise
 from bench.models import create_model
 from bench.models.depthwise import DepthwiseConv2d, depthwise_weight_grad as weight_grad
 from bench.speed.grid import experiment_variant
