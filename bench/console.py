@@ -36,6 +36,11 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], lef
     return out
 
 
+def clipped(record: dict[str, float]) -> str:
+    """`` (12% clipped)`` when ``grad_clip`` bound some of the epoch's steps, else nothing."""
+    return f" ({record['grad_clipped']:.0%} clipped)" if record.get("grad_clipped") else ""
+
+
 @contextlib.contextmanager
 def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, label: str = "", first_epoch: int = 1):
     """A rich progress bar per epoch with live loss/accuracy; yields (on_step, on_epoch) hooks.
@@ -55,7 +60,7 @@ def epoch_progress(console: Console | None, epochs: int, images_per_epoch: int, 
             console.print(
                 f"{label}epoch {epoch:>3}/{epochs}  train loss {record['train_loss']:.3f} acc {record['train_acc']:.4f}"
                 f"  val loss {record['val_loss']:.3f} acc {record['val_acc']:.4f}  lr {record['lr']:.3g}"
-                f"  grad norm {record['grad_norm_max']:.3g}  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
+                f"  grad norm {record['grad_norm_max']:.3g}{clipped(record)}  {record['epoch_seconds']:.1f}s {record['images_per_s']:,.0f} img/s"
                 + (f"  eta {duration((time.perf_counter() - start) / (epoch - first_epoch + 1) * (epochs - epoch))}" if epoch < epochs else "")
             )
             progress.reset(state["task"], description=f"{label}epoch {epoch + 1}/{epochs}", stats="")

@@ -87,14 +87,14 @@ def train_one_epoch(
     generator: torch.Generator,
     on_step: Callable[[int, float, float], None] | None = None,
     ema: AveragedModel | None = None,
-) -> tuple[float, float, float]:
-    """One pass over ``split``; returns (mean loss, accuracy, the largest gradient norm of a step, before
-    ``cfg.grad_clip``). Raises DivergedError on NaN/inf loss.
+) -> tuple[float, float, dict[str, float]]:
+    """One pass over ``split``; returns (mean loss, accuracy, the steps' gradient norms before
+    ``cfg.grad_clip``: their largest, their mean, the fraction of steps clipped). Raises DivergedError on NaN/inf loss.
     ``ema``, if given, is updated after every optimiser step."""
     model.train()
     total_loss = torch.zeros((), device=rt.device)
     correct = torch.zeros((), dtype=torch.int64, device=rt.device)
-    grad_norm_max = torch.zeros((), device=rt.device)
+    grad_norms = GradNorms(cfg.grad_clip, rt.device)
     seen = 0
     batches = train_batches(
         split, cfg.batch_size, generator, rt.device, cfg.crop_padding, cfg.flip, cfg.cutout, cfg.erasing,
@@ -109,7 +109,7 @@ def train_one_epoch(
             loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm_max = torch.maximum(grad_norm_max, clip_gradients(model, cfg.grad_clip))
+        grad_norms.add(clip_gradients(model, cfg.grad_clip))
         optimizer.step()
         scheduler.step()
         if ema is not None:
@@ -122,13 +122,33 @@ def train_one_epoch(
             if on_step:
                 on_step(seen, total_loss.item() / seen, correct.item() / seen)
     _check_finite(total_loss, step, optimizer)
-    return total_loss.item() / seen, correct.item() / seen, grad_norm_max.item()
+    return total_loss.item() / seen, correct.item() / seen, grad_norms.summary()
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:
     """The global L2 norm of the gradients, taken before clipping them to ``max_norm`` (0 = no clipping:
     an infinite bound scales them by exactly 1)."""
     return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm or math.inf)
+
+
+class GradNorms:
+    """The gradient norms of an epoch's steps, kept on the device so no step waits for a sync."""
+
+    def __init__(self, bound: float, device: torch.device):
+        self.bound, self.steps = bound, 0
+        self.largest, self.total, self.clipped = (torch.zeros((), device=device) for _ in range(3))
+
+    def add(self, norm: torch.Tensor) -> None:
+        self.largest = torch.maximum(self.largest, norm)
+        self.total += norm
+        if self.bound:
+            self.clipped += norm > self.bound
+        self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        steps = max(self.steps, 1)
+        return {"grad_norm_max": self.largest.item(), "grad_norm_mean": self.total.item() / steps,
+                "grad_clipped": self.clipped.item() / steps}
 
 
 def _check_finite(total_loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> None:
@@ -277,7 +297,7 @@ def fit(
     for epoch in range(done + 1, cfg.epochs + 1):
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        train_loss, train_acc, grad_norm_max = train_one_epoch(stepped, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
+        train_loss, train_acc, grad_norms = train_one_epoch(stepped, train_split, optimizer, scheduler, cfg, rt, generator, on_step, ema)
         seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
         val_loss, val_acc = evaluate(eval_model, data.val, rt, cfg.eval_batch_size, cfg.tta_flip, validation_shift(cfg, epoch))
@@ -287,7 +307,7 @@ def fit(
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": lr,
-            "grad_norm_max": grad_norm_max,
+            **grad_norms,
             "epoch_seconds": seconds,
             "images_per_s": len(train_split) / seconds,
             "eval_seconds": time.perf_counter() - t1,

@@ -15,6 +15,7 @@ from bench.data import CIFAR10, Split
 from bench.errors import DivergedError
 from bench.models import create_model
 from bench.train import (
+    GradNorms,
     check_collapse,
     clip_gradients,
     create_ema,
@@ -28,7 +29,7 @@ from bench.train import (
 )
 
 TIMING_KEYS = {"epoch_seconds", "images_per_s", "eval_seconds"}
-RECORD_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm_max"} | TIMING_KEYS
+RECORD_KEYS = {"train_loss", "train_acc", "val_loss", "val_acc", "lr", "grad_norm_max", "grad_norm_mean", "grad_clipped"} | TIMING_KEYS
 
 
 def tiny(data: CIFAR10, n_train=512, n_val=200, n_test=200) -> CIFAR10:
@@ -170,11 +171,21 @@ def test_clip_gradients_returns_the_norm_before_clipping_and_scales_to_the_bound
     assert layer.weight.grad[0, 0].item() / layer.bias.grad[0].item() == pytest.approx(3 / 4)  # same direction
 
 
+def test_grad_norms_summarise_an_epochs_steps_against_the_bound():
+    norms = GradNorms(2.0, torch.device("cpu"))
+    for norm in (1.0, 3.0, 2.0, 6.0):
+        norms.add(torch.tensor(norm))
+    assert norms.summary() == {"grad_norm_max": 6.0, "grad_norm_mean": 3.0, "grad_clipped": 0.5}  # 3 and 6 exceed 2
+    assert GradNorms(0.0, torch.device("cpu")).summary()["grad_clipped"] == 0.0
+
+
 def test_each_epoch_records_its_largest_gradient_norm_and_grad_clip_changes_the_steps(small_cifar):
     data = tiny(small_cifar, 256, 100, 100)
     free = fit(new_model(), data, cfg(epochs=2, batch_size=64))
     clipped = fit(new_model(), data, cfg(epochs=2, batch_size=64, grad_clip=0.05))
-    assert all(0 < r["grad_norm_max"] < math.inf for r in free.history + clipped.history)
+    assert all(0 < r["grad_norm_mean"] <= r["grad_norm_max"] < math.inf for r in free.history + clipped.history)
+    assert [r["grad_clipped"] for r in free.history] == [0.0, 0.0]
+    assert all(0 < r["grad_clipped"] <= 1 for r in clipped.history)
     assert clipped.history[0]["train_loss"] != free.history[0]["train_loss"]
 
 
