@@ -37,8 +37,9 @@ def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], lef
 
 
 def clipped(record: dict[str, float]) -> str:
-    """`` (12% clipped)`` when ``grad_clip`` bound some of the epoch's steps, else nothing."""
-    return f" ({record['grad_clipped']:.0%} clipped)" if record.get("grad_clipped") else ""
+    """`` (12% clipped)`` when ``grad_clip`` bound some of the epoch's steps (``<1%`` for a few spikes), else nothing."""
+    share = record.get("grad_clipped", 0.0)
+    return f" ({share:.0%} clipped)" if share >= 0.01 else " (<1% clipped)" if share else ""
 
 
 @contextlib.contextmanager

@@ -33,3 +33,5 @@ def test_epoch_line_shows_the_epochs_largest_gradient_norm():
 
 def test_epoch_line_says_how_many_steps_grad_clip_bound():
     assert "grad norm 3.41 (12% clipped)  10.0s" in epoch_line(0.05, grad_norm_max=3.4123, grad_clipped=0.123)
+    assert "grad norm 42 (<1% clipped)  10.0s" in epoch_line(0.05, grad_norm_max=42.0, grad_clipped=1 / 352)  # one spike
+    assert "clipped" not in epoch_line(0.05, grad_norm_max=3.0)
