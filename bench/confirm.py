@@ -70,16 +70,22 @@ def study_experiment_file(record: StudyRecord) -> Path:
     return find_experiment(norm_experiment(record.norm), fix=fix)
 
 
-def recipe(exp: Experiment, overrides: dict[str, Any]) -> str:
-    """``epochs=N`` and the overrides that change what is learnt: a seed run with ``--set compile=true``
-    counts as the same recipe as one without."""
-    return " ".join([f"epochs={exp.train.epochs}", *(f"{k}={v}" for k, v in sorted(overrides.items()) if k not in SPEED_ONLY)])
+def recipe(exp: Experiment, overrides: dict[str, Any], logged: dict[str, str] | None = None) -> str:
+    """``epochs=N``, the overrides that change what is learnt (a seed run with ``--set compile=true`` is
+    the same recipe as one without), and each field the trial did not log (one bench gained after the
+    study) that the experiment file sets away from its default: such a value reaches training from the
+    file alone, so editing it between seeds must give a new recipe, never pooled with the old one."""
+    defaults = Experiment().hyperparameters()
+    from_file = {k: v for k, v in exp.hyperparameters().items()
+                 if logged is not None and k not in logged and k not in overrides and v != defaults[k]}
+    changes = {**from_file, **overrides}
+    return records.recipe_text(exp.train.epochs, {k: v for k, v in changes.items() if k not in SPEED_ONLY})
 
 
 def finished_runs(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> dict[int, Any]:
     """Finished runs of ``kind`` with this recipe, by their key (seed or batch size)."""
     runs = records.derived_runs(record, kind)
-    return {int(r.data.tags[key_tag]): r for r in runs if r.data.tags.get(records.TAG_RECIPE) == recipe_text and key_tag in r.data.tags}
+    return {int(r.data.tags[key_tag]): r for r in runs if records.same_recipe(r, recipe_text) and key_tag in r.data.tags}
 
 
 def finished_keys(record: StudyRecord, kind: str, key_tag: str, recipe_text: str) -> set[int]:
@@ -175,7 +181,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     tracking.setup(opts.tracking_uri)
     record = records.load_study(norm, opts.study, opts.trial)
     exp = best_experiment(record, opts.epochs, opts.overrides)
-    text = recipe(exp, opts.overrides)
+    text = recipe(exp, opts.overrides, record.best.data.params)
     done = finished_keys(record, "confirm", records.TAG_SEED, text)
     todo = [s for s in (sorted(set(opts.seed_list)) or range(opts.seeds)) if s not in done]
     console.print(f"confirm {record.study}: trial {records.trial_number(record.best)} "
@@ -229,7 +235,7 @@ def train_batch_sizes(norm: str, batch_sizes: list[int], opts: ConfirmOptions, c
     tracking.setup(opts.tracking_uri)
     record = records.load_study(norm, opts.study, opts.trial)
     exp = best_experiment(record, opts.epochs, {**opts.overrides, "seed": 0})
-    text = recipe(exp, opts.overrides)
+    text = recipe(exp, opts.overrides, record.best.data.params)
     done = finished_keys(record, "batch_size", records.TAG_BATCH_SIZE, text)
     todo = [b for b in batch_sizes if b not in done]
     base_bs, base_lr = exp.train.batch_size, exp.train.lr

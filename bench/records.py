@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import tracking
-from .config import NORMS, norm_experiment, tta_name
+from .config import NORMS, coerce, hyperparameter_types, norm_experiment, tta_name
 from .errors import ConfigError, TrackingError
 
 # Tags of confirm and batch-size runs (beside tracking.TAG_*).
@@ -20,7 +20,7 @@ TAG_SOURCE_RUN = "bench.source_run_id"  # the trial run whose configuration was 
 TAG_STUDY_RUN = "bench.study_run_id"  # that trial's parent (study) run; also mlflow.parentRunId
 TAG_SEED = "bench.seed"
 TAG_BATCH_SIZE = "bench.batch_size"
-TAG_RECIPE = "bench.recipe"  # how the configuration was re-trained: epochs and any overrides
+TAG_RECIPE = "bench.recipe"  # how the configuration was re-trained: epochs and what differs from the trial (recipe_text)
 PARENT = "mlflow.parentRunId"
 
 
@@ -102,6 +102,37 @@ def derived_runs(record: StudyRecord, kind: str, finished: bool = True) -> list[
     return tracking.search_runs(record.study, kind, where)
 
 
+def recipe_text(epochs: int, changes: dict[str, Any]) -> str:
+    """The ``bench.recipe`` tag: ``epochs=N`` and each change from the trial, sorted, each value in one
+    spelling (``grad_clip=8`` whether typed 8, 8.0 or set as ``8`` in a file; ``true`` / ``false``)."""
+    return " ".join([f"epochs={epochs}", *(f"{k}={spelled(k, v)}" for k, v in sorted(changes.items()))])
+
+
+def spelled(name: str, value: Any) -> str:
+    kind = hyperparameter_types().get(name)
+    try:
+        value = coerce(name, value, kind) if kind else value
+    except ConfigError:
+        return str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def canonical_recipe(text: str) -> str:
+    """A ``bench.recipe`` tag in today's spelling, so a tag written as ``weight_decay=1e-4`` or
+    ``grad_clip=8.0`` by an older bench matches the same recipe written now."""
+    pairs = dict(part.partition("=")[::2] for part in text.split())
+    epochs = pairs.pop("epochs", None)
+    return recipe_text(epochs, pairs) if epochs is not None else text
+
+
+def same_recipe(run, text: str) -> bool:
+    return canonical_recipe(run.data.tags.get(TAG_RECIPE, "")) == canonical_recipe(text)
+
+
 def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
     """Runs of one recipe, the newest per ``key_tag`` (seed or batch size), sorted by that key.
 
@@ -109,7 +140,7 @@ def main_recipe(runs: list[Any], key_tag: str) -> list[Any]:
     other epochs neither mixes into nor hides a full confirmation."""
     by_recipe: dict[str, dict[int, Any]] = {}
     for run in runs:  # newest first: the first run per key is the newest
-        chosen = by_recipe.setdefault(run.data.tags.get(TAG_RECIPE, ""), {})
+        chosen = by_recipe.setdefault(canonical_recipe(run.data.tags.get(TAG_RECIPE, "")), {})
         chosen.setdefault(int(run.data.tags.get(key_tag, -1)), run)
     if not by_recipe:
         return []

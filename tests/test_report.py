@@ -184,6 +184,27 @@ def test_confirm_seed_runs_exactly_the_seeds_given_skipping_finished_ones(studie
     assert negative.exit_code == 2 and "Invalid value for '--seed': -1 is not in the range x>=0" in negative.output
 
 
+def test_confirm_knows_a_recipe_however_its_values_are_spelled(studies):
+    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
+    run_study(exp, TuneOptions(trials=1, epochs=1, threads=1, pruner="none", study="spelling"))
+    first = invoke("confirm", "--norm", "bn", "--study", "spelling", "--seed", "0", "--epochs", "1", "--threads", "1",
+                   "--set", "grad_clip=8.0", "--set", "flip=False")
+    assert first.exit_code == 0 and "epochs=1 flip=false grad_clip=8;" in first.output, first.output
+    again = invoke("confirm", "--norm", "bn", "--study", "spelling", "--seed", "0", "--epochs", "1", "--set", "grad_clip=8", "--set", "flip=no")
+    assert again.exit_code == 0 and "seeds done [0], to run none" in again.output, again.output
+
+
+def test_a_field_the_trial_did_not_log_joins_the_recipe_when_the_file_sets_it():
+    exp = config.override(config.load(REPO / "experiments" / "gated_bn.toml"), epochs=50)
+    logged = {k: str(v) for k, v in exp.hyperparameters().items() if k != "grad_clip"}  # a trial from before grad_clip
+    assert bench.confirm.recipe(exp, {"lr": "0.05"}, logged) == "epochs=50 lr=0.05"
+    in_file = config.override(exp, grad_clip=8.0)
+    assert bench.confirm.recipe(in_file, {"lr": "0.05"}, logged) == "epochs=50 grad_clip=8 lr=0.05"
+    assert bench.confirm.recipe(in_file, {"lr": "0.05"}, logged) == bench.confirm.recipe(exp, {"lr": "0.05", "grad_clip": "8"}, logged)
+    assert bench.confirm.recipe(in_file, {"grad_clip": "2"}, logged) == "epochs=50 grad_clip=2"  # the override wins
+    assert bench.confirm.recipe(in_file, {}, {**logged, "grad_clip": "8.0"}) == "epochs=50"  # logged: the trial's value, not the file's
+
+
 def test_confirm_jobs_deals_the_seeds_out_to_worker_processes(studies, cifar_dir):
     exp = config.override(config.load(REPO / "experiments" / "bn.toml"), **TINY)
     run_study(exp, TuneOptions(trials=1, epochs=1, threads=1, study="parallel"))
@@ -375,6 +396,21 @@ def test_main_recipe_prefers_most_seeds_then_newest():
     chosen = records.main_recipe(sorted([*full, *smoke, newer_seed0], key=lambda r: -r.info.start_time), records.TAG_SEED)
     assert chosen == [newer_seed0, full[1], full[2]]
     assert records.main_recipe([smoke[0]], records.TAG_SEED) == smoke
+
+
+def test_tags_that_spell_one_recipe_differently_are_one_recipe():
+    assert records.canonical_recipe("epochs=15 weight_decay=1e-4 grad_clip=8.0 tta_every_epoch=False") == \
+        "epochs=15 grad_clip=8 tta_every_epoch=false weight_decay=0.0001"
+    assert records.canonical_recipe("epochs=50 lr=0.05 tta_every_epoch=false") == "epochs=50 lr=0.05 tta_every_epoch=false"
+    assert records.canonical_recipe("epochs=2 preset=resnet_wide") == "epochs=2 preset=resnet_wide"
+    assert records.canonical_recipe("") == ""
+
+    def run(seed, recipe):
+        return SimpleNamespace(data=SimpleNamespace(tags={records.TAG_SEED: str(seed), records.TAG_RECIPE: recipe}),
+                               info=SimpleNamespace(start_time=seed))
+
+    old, new = run(0, "epochs=15 grad_clip=8.0"), run(1, "epochs=15 grad_clip=8")
+    assert records.main_recipe([new, old], records.TAG_SEED) == [old, new]
 
 
 def test_report_and_workers_import_no_training_code():

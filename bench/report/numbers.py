@@ -97,9 +97,9 @@ def batch_accuracies(record: StudyRecord) -> dict[int, float]:
     acc = {int(r.data.tags[records.TAG_BATCH_SIZE]): records.metric(r, "test_acc") for r in record.batch_runs}
     if not acc:
         return acc
-    recipe = record.batch_runs[0].data.tags.get(records.TAG_RECIPE)
+    recipe = record.batch_runs[0].data.tags.get(records.TAG_RECIPE, "")
     for run in record.confirms:
-        if run.data.tags.get(records.TAG_SEED) == "0" and run.data.tags.get(records.TAG_RECIPE) == recipe:
+        if run.data.tags.get(records.TAG_SEED) == "0" and records.same_recipe(run, recipe):
             acc.setdefault(int(run.data.params["batch_size"]), records.metric(run, "test_acc"))
     return dict(sorted(acc.items()))
 
