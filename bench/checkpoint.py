@@ -7,7 +7,8 @@ uninterrupted one would (tested bit for bit on CPU).
 
 The files live beside the MLflow store, ``mlruns/checkpoints/<run id>.pt`` (``BENCH_CHECKPOINT_DIR``
 moves them), one per unfinished run; a run that finishes deletes its file. While a process trains
-it holds a lock on the file, so no other process resumes a run that is still alive.
+it holds a lock on the file, so no other process resumes a run that is still alive. ``bench confirm``
+also keeps each file on its MLflow run (``tracking.handover``), for resuming on another machine.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import fcntl
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -52,6 +53,7 @@ class EpochCheckpoint:
         self.partial_path = self.path.with_suffix(".partial")  # the next epoch's file while it is written
         self.lock_path = self.path.with_suffix(".lock")
         self.config = config
+        self.on_saved: Callable[[Path], None] | None = None  # e.g. upload the file to the run (tracking.handover)
         self._lock = None
 
     def lock(self) -> bool:
@@ -90,6 +92,8 @@ class EpochCheckpoint:
     def save(self, state: dict[str, Any]) -> None:
         torch.save({**state, "config": self.config}, self.partial_path)
         os.replace(self.partial_path, self.path)  # a crash mid-write leaves the previous epoch's file whole
+        if self.on_saved:
+            self.on_saved(self.path)
 
     def files(self) -> tuple[Path, Path, Path]:
         """The checkpoint, its half-written copy and its lock, the lock last."""

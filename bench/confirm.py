@@ -130,14 +130,18 @@ class Trainer:
                 else:
                     checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)
                     checkpoint.lock()
+                tracking.handover.beat(active.info.run_id)
+                checkpoint.on_saved = lambda path: tracking.handover.share(active.info.run_id, path)
                 _, result = train_tracked(exp, data, rt, console=self.console, label=label, checkpoint=checkpoint, resumed_epochs=epochs_done)
         except DivergedError:
             checkpoint.remove()  # resumed, it would diverge again, step for step
+            tracking.handover.unshare(active)
             raise
         finally:
             if checkpoint is not None:
                 checkpoint.unlock()
         checkpoint.remove()
+        tracking.handover.unshare(active)
         self.console.print(f"{label}val acc {result.best_val_acc:.4f}  test acc {result.test_acc:.4f}  "
                            f"{result.seconds:.0f}s  run {active.info.run_id}")
         return active.info.run_id
@@ -145,30 +149,41 @@ class Trainer:
 
 def runs_of(record: StudyRecord, kind: str, key: dict[str, Any], finished: bool) -> list[Any]:
     """Finished (or unfinished) runs of ``kind`` with exactly the tags of ``key``, newest first."""
-    return [run for run in records.derived_runs(record, kind, finished)
-            if all(run.data.tags.get(tag) == str(value) for tag, value in key.items())]
+    def has(run, tag, value):
+        return records.same_recipe(run, value) if tag == records.TAG_RECIPE else run.data.tags.get(tag) == str(value)
+    return [run for run in records.derived_runs(record, kind, finished) if all(has(run, tag, value) for tag, value in key.items())]
 
 
 def taken(record: StudyRecord, kind: str, key: dict[str, Any]) -> str | None:
     """Why a run of ``key`` is no longer this command's to train: another process finished it since the
-    command listed its work, or one on this machine is training it now (its checkpoint lock is held)."""
+    command listed its work, or is training it now: on this machine (its checkpoint lock is held) or
+    on another one that shares the store (its heartbeat is recent)."""
     if done := runs_of(record, kind, key, finished=True):
         return f"finished meanwhile by another process (run {done[0].info.run_id})"
     for run in runs_of(record, kind, key, finished=False):
         if EpochCheckpoint(checkpoint_dir() / f"{run.info.run_id}.pt", {}).held():
             return f"another process on this machine is training it (run {run.info.run_id})"
+        if elsewhere := tracking.handover.alive_elsewhere(run):
+            return elsewhere
     return None
 
 
 def resumable_run(record: StudyRecord, kind: str, key: dict[str, Any], config: dict[str, str]) -> tuple[Any, EpochCheckpoint, int] | None:
-    """(run, its checkpoint, epochs done): the newest unfinished run of this key whose checkpoint is in
-    this machine's checkpoint folder, trained with ``config``, and held by no live process; else None."""
+    """(run, its checkpoint, epochs done): the newest unfinished run of this key, held by no live process,
+    whose checkpoint trained with ``config`` is in this machine's checkpoint folder or, left by a
+    process on another machine, on the run in MLflow (then downloaded here); else None."""
     for run in runs_of(record, kind, key, finished=False):
         checkpoint = EpochCheckpoint(checkpoint_dir() / f"{run.info.run_id}.pt", config)
-        if checkpoint.path.exists() and checkpoint.lock():
+        if not checkpoint.lock():
+            continue
+        local = checkpoint.path.exists()
+        if local or (not tracking.handover.alive_elsewhere(run) and tracking.handover.fetch(run, checkpoint.path)):
             if (state := checkpoint.load()) is not None:
                 return run, checkpoint, state["epoch"]
+        if local:
             checkpoint.unlock()
+        else:
+            checkpoint.remove()  # the lock file just made, and a downloaded checkpoint of other settings
     return None
 
 

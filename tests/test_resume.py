@@ -5,6 +5,7 @@ tracking server outside a study is one line (the real-server case is in test_fau
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import bench.runtime
 import bench.train
 import bench.tune.study
 from bench import config, records
+from bench.tracking import handover
 from bench.checkpoint import EpochCheckpoint, age, checkpoint_dir, sweep_leftovers
 from bench.cli import cli
 from bench.config import TrainConfig
@@ -199,6 +201,51 @@ def test_confirm_skips_a_seed_another_process_is_training_or_finished_meanwhile(
     late = CliRunner().invoke(cli, args)
     assert late.exit_code == 0 and f"skipped: finished meanwhile by another process (run {paused.info.run_id})" in late.output, late.output
     assert len(confirm_runs()) == runs_before
+
+
+def test_a_seed_cut_off_on_one_machine_resumes_on_another_once_its_heartbeat_is_stale(study, monkeypatch, tmp_path):
+    """The checkpoint travels on the MLflow run: a machine with an empty checkpoint folder resumes the
+    seed from it, but not while the run's heartbeat says another host is still training it."""
+    args = ["confirm", "--norm", "bn", "--seeds", "1", "--epochs", "2", "--threads", "1", "--set", "label_smoothing=0.1"]
+    interrupt_in_epoch(monkeypatch, 2)
+    assert CliRunner().invoke(cli, args).exit_code == 130
+    monkeypatch.undo()
+    [cut] = [r for r in confirm_runs() if "label_smoothing" in r.data.tags["bench.recipe"]]
+    client = mlflow.MlflowClient()
+    assert [a.path for a in client.list_artifacts(cut.info.run_id, "checkpoint")] == [f"checkpoint/{cut.info.run_id}.pt"]
+    monkeypatch.setenv("BENCH_CHECKPOINT_DIR", str(tmp_path / "another-machine"))
+
+    client.update_run(cut.info.run_id, status="RUNNING")  # as a machine that is still training it, or vanished
+    client.set_tag(cut.info.run_id, handover.TAG_WORKER, "elsewhere:4242")
+    client.set_tag(cut.info.run_id, handover.TAG_HEARTBEAT, f"{time.time() - 60:.0f}")
+    beside = CliRunner().invoke(cli, args)
+    assert beside.exit_code == 0, beside.output
+    assert f"skipped: elsewhere:4242 is training it (run {cut.info.run_id}, last heartbeat 1 min ago" in beside.output
+    assert len([r for r in confirm_runs() if "label_smoothing" in r.data.tags["bench.recipe"]]) == 1
+
+    client.set_tag(cut.info.run_id, handover.TAG_HEARTBEAT, f"{time.time() - 60 * (handover.STALE_MINUTES + 1):.0f}")
+    resumed = CliRunner().invoke(cli, args)
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming run {cut.info.run_id} after epoch 1/2" in resumed.output
+    run = mlflow.get_run(cut.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags[handover.TAG_WORKER].endswith(f":{os.getpid()}")
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_acc")) == [1, 2]
+    assert client.list_artifacts(run.info.run_id, "checkpoint") == []  # finished: the shared checkpoint is gone
+    assert not list((tmp_path / "another-machine").iterdir())
+
+
+def test_a_run_counts_as_alive_elsewhere_only_running_on_another_host_with_a_recent_heartbeat():
+    from types import SimpleNamespace
+
+    def run(status, worker, minutes_ago):
+        tags = {handover.TAG_WORKER: worker, handover.TAG_HEARTBEAT: str(time.time() - 60 * minutes_ago)}
+        return SimpleNamespace(info=SimpleNamespace(status=status, run_id="r1"), data=SimpleNamespace(tags=tags))
+
+    assert "other:7 is training it" in handover.alive_elsewhere(run("RUNNING", "other:7", 2))
+    assert handover.alive_elsewhere(run("RUNNING", "other:7", handover.STALE_MINUTES + 1)) is None  # its machine is gone
+    assert handover.alive_elsewhere(run("KILLED", "other:7", 2)) is None  # ended: free to resume
+    assert handover.alive_elsewhere(run("RUNNING", f"{socket.gethostname()}:7", 2)) is None  # this host: the file lock decides
+    assert handover.alive_elsewhere(run("RUNNING", "", 2)) is None  # from before heartbeats
 
 
 def test_a_lost_tracking_server_outside_a_study_is_one_error_saying_what_is_kept():

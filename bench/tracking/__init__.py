@@ -2,11 +2,12 @@
 
 store.py: the tracking URI, the store check, experiments; runs.py: runs and what is logged to them,
 the parent run workers share; models.py: logged models, the registry and its champion alias;
-reading.py: reading runs back. Runs use MLflow's fluent API, so a study shows in the UI as a tree:
+reading.py: reading runs back; handover.py: a confirm run's checkpoint and heartbeat on the run, for
+resuming it on another machine. Runs use MLflow's fluent API, so a study shows in the UI as a tree:
 one parent run per ``bench tune`` invocation and one nested run per trial.
 """
 
-from . import mlflow_log
+from . import handover, mlflow_log
 from .store import (DEFAULT_TRACKING_URI, MLRUNS, TAG_KIND, TAG_NORM, TAG_STUDY, TAG_EXPERIMENT,
     TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TAG_HARDWARE, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND, TRAINING_KINDS, mask_url,
     resolve_uri, _quiet, setup, artifact_location, experiment_id, tag_experiments)

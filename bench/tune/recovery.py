@@ -30,6 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import faults, tracking
+from ..tracking.handover import worker_id
 
 MAX_RETRIES = int(os.environ.get("BENCH_MAX_RETRIES", 2))
 
@@ -80,10 +81,6 @@ def exhausted(trial: FrozenTrial) -> bool:
 def tries(trial: FrozenTrial) -> list[int]:
     """The trial numbers of every try of this configuration, this one last."""
     return [*trial.system_attrs.get("retry_history", []), trial.number]
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def say(message: str) -> None:

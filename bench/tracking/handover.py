@@ -1,0 +1,81 @@
+"""A confirm run's epoch checkpoint and heartbeat, kept on the run itself, so a run cut off on one
+machine resumes on any machine that shares the tracking store.
+
+After each epoch the training process uploads its checkpoint file as the run's artifact
+``checkpoint/<run id>.pt`` (under 1 MB at 50k parameters) and stamps the run with ``bench.worker``
+(host:pid) and ``bench.heartbeat`` (the time). ``bench.confirm`` reads them: a run RUNNING on another
+host that beat within ``BENCH_STALE_MINUTES`` is alive there; any other unfinished run with the
+artifact may be resumed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+TAG_WORKER = "bench.worker"
+TAG_HEARTBEAT = "bench.heartbeat"
+FOLDER = "checkpoint"
+STALE_MINUTES = float(os.environ.get("BENCH_STALE_MINUTES", 30))  # a run silent this long lost its machine
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def beat(run_id: str) -> None:
+    """Stamp ``run_id`` as alive in this process now (one request)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import RunTag
+
+    MlflowClient().log_batch(run_id, tags=[RunTag(TAG_WORKER, worker_id()), RunTag(TAG_HEARTBEAT, f"{time.time():.0f}")])
+
+
+def share(run_id: str, path: Path) -> None:
+    """Upload the checkpoint file at ``path`` to the run, then beat."""
+    from mlflow import MlflowClient
+
+    MlflowClient().log_artifact(run_id, str(path), FOLDER)
+    beat(run_id)
+
+
+def fetch(run: Any, dest: Path) -> bool:
+    """Download ``run``'s shared checkpoint to ``dest`` (replaced whole); False if it has none."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    name = f"{FOLDER}/{run.info.run_id}.pt"
+    if name not in {a.path for a in MlflowClient().list_artifacts(run.info.run_id, FOLDER)}:
+        return False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as folder:
+        os.replace(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=name, dst_path=folder), dest)
+    return True
+
+
+def unshare(run: Any) -> None:
+    """Delete ``run``'s shared checkpoint once the run is over (its model is logged on its own). A
+    leftover is only wasted space, never resumed: so a store that refuses is not an error."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with contextlib.suppress(Exception):
+        get_artifact_repository(run.info.artifact_uri).delete_artifacts(FOLDER)
+
+
+def alive_elsewhere(run: Any) -> str | None:
+    """Who trains ``run`` on another host, if it is RUNNING there and beat within ``STALE_MINUTES``;
+    on this host the checkpoint's file lock says whether its process lives."""
+    worker = run.data.tags.get(TAG_WORKER, "")
+    host = worker.rpartition(":")[0]
+    if run.info.status != "RUNNING" or not host or host == socket.gethostname():
+        return None
+    minutes = (time.time() - float(run.data.tags.get(TAG_HEARTBEAT, 0))) / 60
+    if minutes >= STALE_MINUTES:
+        return None
+    return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {minutes:.0f} min ago; "
+            f"after {STALE_MINUTES:.0f} min without one, BENCH_STALE_MINUTES, it resumes here)")
