@@ -117,7 +117,7 @@ class Trainer:
         tags = {
             records.TAG_STUDY_RUN: record.best_parent_id,
             records.TAG_SOURCE_RUN: record.best.info.run_id, tracking.TAG_STUDY: record.study,
-            "bench.source_trial": records.trial_number(record.best), **key,
+            "bench.source_trial": records.trial_number(record.best), **key, **tracking.handover.stamp(),
         }
         config = run_config(exp.hyperparameters())
         unfinished, checkpoint, epochs_done = resumable_run(record, kind, key, config) or (None, None, 0)
@@ -128,6 +128,11 @@ class Trainer:
                     tracking.mark_resumed(unfinished, epochs_done, rt.hardware())
                     self.console.print(f"{label}resuming run {active.info.run_id} after epoch {epochs_done}/{exp.train.epochs}")
                 else:
+                    if rival := tracking.handover.earlier_claim(active, runs_of(record, kind, key, finished=False)):
+                        tracking.discard_active_run()
+                        self.console.print(f"{label}skipped: {rival.data.tags[tracking.handover.TAG_WORKER]} "
+                                           f"started it a moment earlier (run {rival.info.run_id})")
+                        return None
                     checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)
                     checkpoint.lock()
                 tracking.handover.beat(active.info.run_id)

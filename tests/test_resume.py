@@ -248,6 +248,46 @@ def test_a_run_counts_as_alive_elsewhere_only_running_on_another_host_with_a_rec
     assert handover.alive_elsewhere(run("RUNNING", "", 2)) is None  # from before heartbeats
 
 
+def test_of_two_machines_that_start_one_seed_at_once_the_later_gives_way(study, monkeypatch):
+    """Both create a run before seeing the other's; the one created later is deleted unrun."""
+    args = ["confirm", "--norm", "bn", "--seeds", "1", "--epochs", "1", "--threads", "1", "--set", "dropout=0.1"]
+    rivals = []
+
+    def race(record, kind, key):  # the other machine creates its run just after this one looked
+        rival = mlflow.MlflowClient().create_run(mlflow.get_experiment_by_name("bn").experiment_id, run_name="confirm-seed-0", tags={
+            **{k: str(v) for k, v in key.items()}, "bench.kind": kind, records.TAG_SOURCE_RUN: record.best.info.run_id,
+            handover.TAG_WORKER: "elsewhere:4242", handover.TAG_HEARTBEAT: f"{time.time():.0f}"})
+        rivals.append(rival)
+        return None  # looked before the rival's run existed
+
+    monkeypatch.setattr(bench.confirm, "taken", race)
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    [rival] = rivals
+    assert f"skipped: elsewhere:4242 started it a moment earlier (run {rival.info.run_id})" in result.output
+    mine = [r for r in confirm_runs() if "dropout" in r.data.tags["bench.recipe"]]
+    assert [r.info.run_id for r in mine] == [rival.info.run_id]  # this machine's run is deleted, the rival's untouched
+    assert mlflow.get_run(rival.info.run_id).info.status == "RUNNING"
+
+
+def test_only_a_live_rival_started_earlier_makes_a_new_run_give_way():
+    from types import SimpleNamespace
+
+    def run(run_id, start, worker, status="RUNNING", minutes_ago=1):
+        tags = {handover.TAG_WORKER: worker, handover.TAG_HEARTBEAT: str(time.time() - 60 * minutes_ago)}
+        return SimpleNamespace(info=SimpleNamespace(status=status, run_id=run_id, start_time=start), data=SimpleNamespace(tags=tags))
+
+    mine = run("m", 100, handover.worker_id())
+    earlier, later = run("a", 99, "other:1"), run("b", 101, "other:2")
+    assert handover.earlier_claim(mine, [mine, later, earlier]) is earlier
+    assert handover.earlier_claim(mine, [mine, later]) is None  # the later one gives way, not this one
+    assert handover.earlier_claim(mine, [run("a", 99, "other:1", status="KILLED")]) is None  # ended: resumable, not a rival
+    assert handover.earlier_claim(mine, [run("a", 99, "other:1", minutes_ago=handover.STALE_MINUTES + 1)]) is None  # machine gone
+    assert handover.earlier_claim(mine, [run("a", 100, "other:1")]).info.run_id == "a"  # same millisecond: the run id decides
+    dead_here = run("a", 99, f"{socket.gethostname()}:999999999")
+    assert handover.earlier_claim(mine, [dead_here]) is None  # this host, its process gone
+
+
 def test_a_lost_tracking_server_outside_a_study_is_one_error_saying_what_is_kept():
     import requests
 

@@ -11,7 +11,7 @@ from . import handover, mlflow_log
 from .store import (DEFAULT_TRACKING_URI, MLRUNS, TAG_KIND, TAG_NORM, TAG_STUDY, TAG_EXPERIMENT,
     TAG_STATE, TAG_TRIAL, TAG_ERROR, TAG_RESUMED, TAG_HARDWARE, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND, TRAINING_KINDS, mask_url,
     resolve_uri, _quiet, setup, artifact_location, experiment_id, tag_experiments)
-from .runs import (run, mark_resumed, system_metrics_enabled, log_params, log_dataset, log_metrics, set_tags,
+from .runs import (run, mark_resumed, discard_active_run, system_metrics_enabled, log_params, log_dataset, log_metrics, set_tags,
     PARENT_SETTLE_SECONDS, open_parent, find_trial_run, run_params, close_run, trial_runs, log_to_run)
 from .models import (log_model, log_predictions, CHAMPION, champion_uri, champion, promote_champion,
     active_model_uri, load_model)

@@ -67,15 +67,53 @@ def unshare(run: Any) -> None:
         get_artifact_repository(run.info.artifact_uri).delete_artifacts(FOLDER)
 
 
+def stamp() -> dict[str, str]:
+    """The worker and heartbeat tags of a run this process creates: it is claimed from its first moment."""
+    return {TAG_WORKER: worker_id(), TAG_HEARTBEAT: f"{time.time():.0f}"}
+
+
+def silent_minutes(run: Any) -> float:
+    return (time.time() - float(run.data.tags.get(TAG_HEARTBEAT, 0))) / 60
+
+
 def alive_elsewhere(run: Any) -> str | None:
     """Who trains ``run`` on another host, if it is RUNNING there and beat within ``STALE_MINUTES``;
     on this host the checkpoint's file lock says whether its process lives."""
     worker = run.data.tags.get(TAG_WORKER, "")
     host = worker.rpartition(":")[0]
-    if run.info.status != "RUNNING" or not host or host == socket.gethostname():
+    if run.info.status != "RUNNING" or not host or host == socket.gethostname() or silent_minutes(run) >= STALE_MINUTES:
         return None
-    minutes = (time.time() - float(run.data.tags.get(TAG_HEARTBEAT, 0))) / 60
-    if minutes >= STALE_MINUTES:
-        return None
-    return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {minutes:.0f} min ago; "
+    return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {silent_minutes(run):.0f} min ago; "
             f"after {STALE_MINUTES:.0f} min without one, BENCH_STALE_MINUTES, it resumes here)")
+
+
+def trained_by_another(run: Any) -> bool:
+    """``run`` is RUNNING for another live process: one on this host whose pid exists, or one on
+    another host that beat within ``STALE_MINUTES``."""
+    worker = run.data.tags.get(TAG_WORKER, "")
+    host, _, pid = worker.rpartition(":")
+    if run.info.status != "RUNNING" or not host or worker == worker_id():
+        return False
+    if host == socket.gethostname():
+        return pid.isdigit() and process_alive(int(pid))
+    return silent_minutes(run) < STALE_MINUTES
+
+
+def earlier_claim(mine: Any, runs: list[Any]) -> Any | None:
+    """Of ``runs`` (the unfinished runs of one seed), the first that another live process started
+    before ``mine``. Two machines that start one seed in the same moment each create a run before
+    seeing the other's; both then see both, and only the later one gives way."""
+    def order(run):
+        return run.info.start_time, run.info.run_id
+    rivals = [r for r in runs if r.info.run_id != mine.info.run_id and order(r) < order(mine) and trained_by_another(r)]
+    return min(rivals, key=order, default=None)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

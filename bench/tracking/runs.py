@@ -61,6 +61,15 @@ def mark_resumed(run: Any, epochs_done: int, hardware: str) -> None:
         mlflow.set_tag(TAG_HARDWARE, f"{ran_on}, then {hardware}")
 
 
+def discard_active_run() -> None:
+    """End the active run and delete it: a run that lost the race to train its configuration."""
+    import mlflow
+
+    run_id = mlflow.active_run().info.run_id
+    mlflow.end_run("KILLED")
+    mlflow.MlflowClient().delete_run(run_id)
+
+
 def system_metrics_enabled() -> bool:
     """MLflow's per-run CPU, memory, disk and network samples (``system/*`` metrics): on where psutil
     is installed, unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise. Sampling every

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from .. import faults, tracking
-from ..tracking.handover import worker_id
+from ..tracking.handover import process_alive, worker_id
 
 MAX_RETRIES = int(os.environ.get("BENCH_MAX_RETRIES", 2))
 
@@ -146,7 +146,7 @@ def fail_dead_local_trials(study: optuna.Study) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker", "")
         worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _alive(int(pid)) and mark_dead_trial(study, t, f"worker {worker} died"):
+        if worker_host == host and pid.isdigit() and not process_alive(int(pid)) and mark_dead_trial(study, t, f"worker {worker} died"):
             settle(study, study._storage.get_trial(t._trial_id), "process gone", f"worker {worker} died")
             recovered.append(t.number)
     return recovered
@@ -243,11 +243,3 @@ def first_retry(trial: optuna.Trial) -> int | None:
     return min(earlier, default=None)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
