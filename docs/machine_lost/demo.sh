@@ -17,8 +17,8 @@ on() {  # on HOST CMD...: run a bench command as machine HOST with its own check
   local host=$1; shift
   unshare -u sh -c "hostname $host; BENCH_CHECKPOINT_DIR=$work/$host-checkpoints exec $BENCH $*"
 }
-SUBSET="--set train_subset=8000 --threads 1 --tracking-uri $uri"
-CONFIRM="confirm --norm bn --seeds 1 --epochs 8 $SUBSET"
+SUBSET="--set train_subset=15000 --threads 1 --tracking-uri $uri"
+CONFIRM="confirm --norm bn --seeds 1 --epochs 12 $SUBSET"
 
 say "bench tune --norm bn --trials 1 --tune-epochs 1 $SUBSET"
 $BENCH tune --norm bn --trials 1 --tune-epochs 1 $SUBSET 2>&1 | tail -n 2
@@ -27,13 +27,14 @@ say "[machine-a] bench $CONFIRM &"
 touch a.log
 setsid bash -c "$(declare -f on); BENCH='$BENCH' work=$work on machine-a $CONFIRM" > a.log 2>&1 &
 a=$!
-until grep -q "epoch   3/8" a.log; do sleep 1; done
+until grep -q "epoch   2/12" a.log; do sleep 1; done
 cat a.log | grep -v "^\s*$" | tail -n 4
 
 say "[machine-b] bench $CONFIRM    # while machine-a trains"
 on machine-b $CONFIRM 2>&1 | grep -E "skipped|to run|confirm run"
 
-until grep -q "epoch   4/8" a.log; do sleep 1; done
+done_epochs=$(grep -c "epoch " a.log)
+until [ "$(grep -c "epoch " a.log)" -gt "$done_epochs" ]; do sleep 1; done  # the next epoch after machine-b looked
 say "kill -9 machine-a    # mid-run: the machine vanishes, its run stays RUNNING"
 kill -9 -$a; wait $a 2> /dev/null
 grep "epoch" a.log | tail -n 1
@@ -58,10 +59,23 @@ print(f"run {run.info.run_id}: {run.info.status}, worker {run.data.tags['bench.w
 PY
 echo "checkpoint files left: machine-a $(ls $work/machine-a-checkpoints | grep -c pt) (its lost local copy), machine-b $(ls $work/machine-b-checkpoints | grep -c pt)"
 
+say "[machine-a] bench ${CONFIRM/--seeds 1/--seed 1} & [machine-b] the same, started together"
+on machine-a ${CONFIRM/--seeds 1/--seed 1} > a1.log 2>&1 &
+on machine-b ${CONFIRM/--seeds 1/--seed 1} > b1.log 2>&1
+wait
+grep -hE "skipped|test acc" a1.log b1.log | sed -E 's/ +[0-9]+s  run/  run/'
+"${BENCH%% *}" - "$uri" <<'PY'
+import sys, mlflow
+mlflow.set_tracking_uri(sys.argv[1])
+runs = mlflow.search_runs(experiment_names=["bn"], filter_string="tags.`bench.seed` = '1'", output_format="list",
+                          run_view_type=mlflow.entities.ViewType.ALL)
+print("seed 1 runs in MLflow:", [(r.data.tags["bench.worker"].split(":")[0], r.info.status, r.info.lifecycle_stage) for r in runs])
+PY
+
 say "the same study and seed, never interrupted, in a store of its own"
 mkdir plain && cd plain && ln -s "$work/experiments" experiments  # its own Optuna journal too
-PLAIN="--set train_subset=8000 --threads 1"
+PLAIN="--set train_subset=15000 --threads 1"
 $BENCH tune --norm bn --trials 1 --tune-epochs 1 $PLAIN > /dev/null 2>&1
-$BENCH confirm --norm bn --seeds 1 --epochs 8 $PLAIN 2>&1 | grep "test acc"
+$BENCH confirm --norm bn --seeds 1 --epochs 12 $PLAIN 2>&1 | grep "test acc"
 kill -- -$server
 rm -rf "$work"
