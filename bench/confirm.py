@@ -197,6 +197,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     ``opts.seed_list``), skipping seeds already finished with the same recipe; returns the new run
     ids. With ``opts.jobs`` > 1 the seeds are dealt out to that many ``bench confirm`` processes."""
     console = console or Console()
+    tracking.handover.stale_minutes()  # a bad BENCH_STALE_MINUTES fails here, before any work
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
     record = records.load_study(norm, opts.study, opts.trial)

@@ -223,7 +223,7 @@ def test_a_seed_cut_off_on_one_machine_resumes_on_another_once_its_heartbeat_is_
     assert f"skipped: elsewhere:4242 is training it (run {cut.info.run_id}, last heartbeat 1 min ago" in beside.output
     assert len([r for r in confirm_runs() if "label_smoothing" in r.data.tags["bench.recipe"]]) == 1
 
-    client.set_tag(cut.info.run_id, handover.TAG_HEARTBEAT, f"{time.time() - 60 * (handover.STALE_MINUTES + 1):.0f}")
+    client.set_tag(cut.info.run_id, handover.TAG_HEARTBEAT, f"{time.time() - 60 * (handover.stale_minutes() + 1):.0f}")
     resumed = CliRunner().invoke(cli, args)
     assert resumed.exit_code == 0, resumed.output
     assert f"resuming run {cut.info.run_id} after epoch 1/2" in resumed.output
@@ -242,7 +242,7 @@ def test_a_run_counts_as_alive_elsewhere_only_running_on_another_host_with_a_rec
         return SimpleNamespace(info=SimpleNamespace(status=status, run_id="r1"), data=SimpleNamespace(tags=tags))
 
     assert "other:7 is training it" in handover.alive_elsewhere(run("RUNNING", "other:7", 2))
-    assert handover.alive_elsewhere(run("RUNNING", "other:7", handover.STALE_MINUTES + 1)) is None  # its machine is gone
+    assert handover.alive_elsewhere(run("RUNNING", "other:7", handover.stale_minutes() + 1)) is None  # its machine is gone
     assert handover.alive_elsewhere(run("KILLED", "other:7", 2)) is None  # ended: free to resume
     assert handover.alive_elsewhere(run("RUNNING", f"{socket.gethostname()}:7", 2)) is None  # this host: the file lock decides
     assert handover.alive_elsewhere(run("RUNNING", "", 2)) is None  # from before heartbeats
@@ -270,6 +270,14 @@ def test_of_two_machines_that_start_one_seed_at_once_the_later_gives_way(study, 
     assert mlflow.get_run(rival.info.run_id).info.status == "RUNNING"
 
 
+def test_a_bad_stale_minutes_setting_is_one_line_naming_it(study, monkeypatch):
+    for bad in ("soon", "0", "-5", "inf"):
+        monkeypatch.setenv("BENCH_STALE_MINUTES", bad)
+        result = CliRunner().invoke(cli, ["confirm", "--norm", "bn", "--seeds", "1", "--epochs", "2", "--threads", "1"])
+        assert result.exit_code == 2 and f"error: BENCH_STALE_MINUTES='{bad}': expected a positive number of minutes" in result.output, result.output
+        assert "Traceback" not in result.output
+
+
 def test_only_a_live_rival_started_earlier_makes_a_new_run_give_way():
     from types import SimpleNamespace
 
@@ -282,7 +290,7 @@ def test_only_a_live_rival_started_earlier_makes_a_new_run_give_way():
     assert handover.earlier_claim(mine, [mine, later, earlier]) is earlier
     assert handover.earlier_claim(mine, [mine, later]) is None  # the later one gives way, not this one
     assert handover.earlier_claim(mine, [run("a", 99, "other:1", status="KILLED")]) is None  # ended: resumable, not a rival
-    assert handover.earlier_claim(mine, [run("a", 99, "other:1", minutes_ago=handover.STALE_MINUTES + 1)]) is None  # machine gone
+    assert handover.earlier_claim(mine, [run("a", 99, "other:1", minutes_ago=handover.stale_minutes() + 1)]) is None  # machine gone
     assert handover.earlier_claim(mine, [run("a", 100, "other:1")]).info.run_id == "a"  # same millisecond: the run id decides
     dead_here = run("a", 99, f"{socket.gethostname()}:999999999")
     assert handover.earlier_claim(mine, [dead_here]) is None  # this host, its process gone

@@ -4,13 +4,14 @@ machine resumes on any machine that shares the tracking store.
 After each epoch the training process uploads its checkpoint file as the run's artifact
 ``checkpoint/<run id>.pt`` (under 1 MB at 50k parameters) and stamps the run with ``bench.worker``
 (host:pid) and ``bench.heartbeat`` (the time). ``bench.confirm`` reads them: a run RUNNING on another
-host that beat within ``BENCH_STALE_MINUTES`` is alive there; any other unfinished run with the
+host that beat within ``stale_minutes()`` is alive there; any other unfinished run with the
 artifact may be resumed here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import tempfile
@@ -18,10 +19,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
+
 TAG_WORKER = "bench.worker"
 TAG_HEARTBEAT = "bench.heartbeat"
 FOLDER = "checkpoint"
-STALE_MINUTES = float(os.environ.get("BENCH_STALE_MINUTES", 30))  # a run silent this long lost its machine
+STALE_ENV = "BENCH_STALE_MINUTES"
+
+
+def stale_minutes() -> float:
+    """How long a run on another host may go without a heartbeat before its machine counts as gone
+    (``BENCH_STALE_MINUTES``, default 30: several epochs of a 50k-parameter model on one CPU core)."""
+    text = os.environ.get(STALE_ENV, "30")
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = math.nan
+    if not minutes > 0 or math.isinf(minutes):
+        raise ConfigError(f"{STALE_ENV}={text!r}: expected a positive number of minutes, e.g. {STALE_ENV}=30")
+    return minutes
 
 
 def worker_id() -> str:
@@ -77,26 +93,26 @@ def silent_minutes(run: Any) -> float:
 
 
 def alive_elsewhere(run: Any) -> str | None:
-    """Who trains ``run`` on another host, if it is RUNNING there and beat within ``STALE_MINUTES``;
+    """Who trains ``run`` on another host, if it is RUNNING there and beat within ``stale_minutes()``;
     on this host the checkpoint's file lock says whether its process lives."""
     worker = run.data.tags.get(TAG_WORKER, "")
     host = worker.rpartition(":")[0]
-    if run.info.status != "RUNNING" or not host or host == socket.gethostname() or silent_minutes(run) >= STALE_MINUTES:
+    if run.info.status != "RUNNING" or not host or host == socket.gethostname() or silent_minutes(run) >= stale_minutes():
         return None
     return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {silent_minutes(run):.0f} min ago; "
-            f"after {STALE_MINUTES:.0f} min without one, BENCH_STALE_MINUTES, it resumes here)")
+            f"after {stale_minutes():g} min without one, {STALE_ENV}, it resumes here)")
 
 
 def trained_by_another(run: Any) -> bool:
     """``run`` is RUNNING for another live process: one on this host whose pid exists, or one on
-    another host that beat within ``STALE_MINUTES``."""
+    another host that beat within ``stale_minutes()``."""
     worker = run.data.tags.get(TAG_WORKER, "")
     host, _, pid = worker.rpartition(":")
     if run.info.status != "RUNNING" or not host or worker == worker_id():
         return False
     if host == socket.gethostname():
         return pid.isdigit() and process_alive(int(pid))
-    return silent_minutes(run) < STALE_MINUTES
+    return silent_minutes(run) < stale_minutes()
 
 
 def earlier_claim(mine: Any, runs: list[Any]) -> Any | None:

@@ -3,12 +3,13 @@
 # Two "machines" are two UTS namespaces (hostname machine-a / machine-b, needs root) with separate
 # checkpoint folders; they share only the tracking server, as two hosts would. Real CIFAR-10.
 # Run from the repository root: bash docs/machine_lost/demo.sh > docs/machine_lost/output.txt
-set -u
+set -um  # -m: each background job in its own process group, so kill -- -PID ends the server and its workers
 BENCH="$PWD/.venv/bin/python -m bench.cli"
 work=$(mktemp -d); port=5088; uri=http://127.0.0.1:$port
 export BENCH_DATA_DIR=${BENCH_DATA_DIR:-$PWD/../shared/data/cifar10} MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false
 ln -s "$PWD/experiments" "$work/experiments"; cd "$work"
-setsid "${BENCH%% *}" -m mlflow server --host 127.0.0.1 --port $port --workers 1 --backend-store-uri "sqlite:///$work/server.db" \
+curl -sf $uri/health > /dev/null && { echo "port $port is taken: stop that server first"; exit 1; }
+"${BENCH%% *}" -m mlflow server --host 127.0.0.1 --port $port --workers 1 --backend-store-uri "sqlite:///$work/server.db" \
   --serve-artifacts --artifacts-destination "$work/artifacts" > server.log 2>&1 &
 server=$!
 until curl -sf $uri/health > /dev/null; do sleep 1; done
@@ -25,7 +26,7 @@ $BENCH tune --norm bn --trials 1 --tune-epochs 1 $SUBSET 2>&1 | tail -n 2
 
 say "[machine-a] bench $CONFIRM &"
 touch a.log
-setsid bash -c "$(declare -f on); BENCH='$BENCH' work=$work on machine-a $CONFIRM" > a.log 2>&1 &
+bash -c "$(declare -f on); BENCH='$BENCH' work=$work on machine-a $CONFIRM" > a.log 2>&1 &
 a=$!
 until grep -q "epoch   2/12" a.log; do sleep 1; done
 cat a.log | grep -v "^\s*$" | tail -n 4
@@ -61,8 +62,9 @@ echo "checkpoint files left: machine-a $(ls $work/machine-a-checkpoints | grep -
 
 say "[machine-a] bench ${CONFIRM/--seeds 1/--seed 1} & [machine-b] the same, started together"
 on machine-a ${CONFIRM/--seeds 1/--seed 1} > a1.log 2>&1 &
+a1=$!
 on machine-b ${CONFIRM/--seeds 1/--seed 1} > b1.log 2>&1
-wait
+wait $a1
 grep -hE "skipped|test acc" a1.log b1.log | sed -E 's/ +[0-9]+s  run/  run/'
 "${BENCH%% *}" - "$uri" <<'PY'
 import sys, mlflow
@@ -78,4 +80,4 @@ PLAIN="--set train_subset=15000 --threads 1"
 $BENCH tune --norm bn --trials 1 --tune-epochs 1 $PLAIN > /dev/null 2>&1
 $BENCH confirm --norm bn --seeds 1 --epochs 12 $PLAIN 2>&1 | grep "test acc"
 kill -- -$server
-rm -rf "$work"
+[ -n "${KEEP:-}" ] && echo "kept $work" || rm -rf "$work"
