@@ -126,6 +126,7 @@ class Trainer:
                               run_id=unfinished.info.run_id if unfinished else None) as active:
                 if unfinished:
                     tracking.mark_resumed(unfinished, epochs_done, rt.hardware())
+                    tracking.handover.beat(active.info.run_id)  # a new run is stamped at its creation
                     self.console.print(f"{label}resuming run {active.info.run_id} after epoch {epochs_done}/{exp.train.epochs}")
                 else:
                     if rival := tracking.handover.earlier_claim(active, runs_of(record, kind, key, finished=False)):
@@ -135,7 +136,6 @@ class Trainer:
                         return None
                     checkpoint = EpochCheckpoint(checkpoint_dir() / f"{active.info.run_id}.pt", config)
                     checkpoint.lock()
-                tracking.handover.beat(active.info.run_id)
                 checkpoint.on_saved = lambda path: tracking.handover.share(active.info.run_id, path)
                 _, result = train_tracked(exp, data, rt, console=self.console, label=label, checkpoint=checkpoint, resumed_epochs=epochs_done)
         except DivergedError:

@@ -97,9 +97,10 @@ def alive_elsewhere(run: Any) -> str | None:
     on this host the checkpoint's file lock says whether its process lives."""
     worker = run.data.tags.get(TAG_WORKER, "")
     host = worker.rpartition(":")[0]
-    if run.info.status != "RUNNING" or not host or host == socket.gethostname() or silent_minutes(run) >= stale_minutes():
+    silent = silent_minutes(run)
+    if run.info.status != "RUNNING" or not host or host == socket.gethostname() or silent >= stale_minutes():
         return None
-    return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {silent_minutes(run):.0f} min ago; "
+    return (f"{worker} is training it (run {run.info.run_id}, last heartbeat {silent:.0f} min ago; "
             f"after {stale_minutes():g} min without one, {STALE_ENV}, it resumes here)")
 
 

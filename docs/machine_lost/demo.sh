@@ -26,7 +26,7 @@ $BENCH tune --norm bn --trials 1 --tune-epochs 1 $SUBSET 2>&1 | tail -n 2
 
 say "[machine-a] bench $CONFIRM &"
 touch a.log
-bash -c "$(declare -f on); BENCH='$BENCH' work=$work on machine-a $CONFIRM" > a.log 2>&1 &
+on machine-a $CONFIRM > a.log 2>&1 &
 a=$!
 until grep -q "epoch   2/12" a.log; do sleep 1; done
 cat a.log | grep -v "^\s*$" | tail -n 4
