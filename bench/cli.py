@@ -21,6 +21,14 @@ console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isat
 @click.version_option(package_name="bench")
 def cli():
     """Experiment-tracked benchmarking of small CNNs on CIFAR-10."""
+    from . import settings
+
+    try:
+        settings.check()
+    except BenchError as err:  # one line, exit 2, like the commands' own errors
+        bad_setting = click.ClickException(str(err))
+        bad_setting.exit_code = 2
+        raise bad_setting from None
 
 
 @cli.command()

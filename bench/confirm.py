@@ -20,7 +20,7 @@ from typing import Any
 
 from rich.console import Console
 
-from . import faults, interrupt, records, tracking, workers
+from . import faults, interrupt, records, settings, tracking, workers
 from .checkpoint import EpochCheckpoint, checkpoint_dir, run_config, sweep_leftovers
 from .config import SPEED_ONLY, Experiment, RuntimeOptions, find_experiment, hyperparameter_types, load, norm_experiment, override
 from .errors import ConfigError, DivergedError, TrackingError
@@ -197,7 +197,7 @@ def confirm(norm: str, opts: ConfirmOptions, console: Console | None = None) -> 
     ``opts.seed_list``), skipping seeds already finished with the same recipe; returns the new run
     ids. With ``opts.jobs`` > 1 the seeds are dealt out to that many ``bench confirm`` processes."""
     console = console or Console()
-    tracking.handover.stale_minutes()  # a bad BENCH_STALE_MINUTES fails here, before any work
+    settings.check()  # a bad BENCH_* setting fails here, before any work
     setup_threads(opts.threads)
     tracking.setup(opts.tracking_uri)
     record = records.load_study(norm, opts.study, opts.trial)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .config import TrainConfig
+from . import settings
 from .errors import ConfigError
 
 # Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
@@ -84,7 +85,7 @@ def setup_threads(threads: int | None = None) -> int:
     allocations stay in the heap (``keep_large_allocations``)."""
     keep_large_allocations()
     if threads is None:
-        threads = int(os.environ.get("BENCH_THREADS", 0)) or len(os.sched_getaffinity(0))
+        threads = settings.number("BENCH_THREADS") or len(os.sched_getaffinity(0))
     torch.set_num_threads(max(1, threads))
     return torch.get_num_threads()
 

@@ -11,7 +11,6 @@ artifact may be resumed here.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import socket
 import tempfile
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from .. import settings
 
 TAG_WORKER = "bench.worker"
 TAG_HEARTBEAT = "bench.heartbeat"
@@ -30,14 +29,7 @@ STALE_ENV = "BENCH_STALE_MINUTES"
 def stale_minutes() -> float:
     """How long a run on another host may go without a heartbeat before its machine counts as gone
     (``BENCH_STALE_MINUTES``, default 30: several epochs of a 50k-parameter model on one CPU core)."""
-    text = os.environ.get(STALE_ENV, "30")
-    try:
-        minutes = float(text)
-    except ValueError:
-        minutes = math.nan
-    if not minutes > 0 or math.isinf(minutes):
-        raise ConfigError(f"{STALE_ENV}={text!r}: expected a positive number of minutes, e.g. {STALE_ENV}=30")
-    return minutes
+    return settings.number(STALE_ENV)
 
 
 def worker_id() -> str:

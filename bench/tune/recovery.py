@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import socket
 import time
 from typing import Any, Callable
@@ -29,10 +28,11 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .. import faults, tracking
+from .. import faults, settings, tracking
 from ..tracking.handover import process_alive, worker_id
 
-MAX_RETRIES = int(os.environ.get("BENCH_MAX_RETRIES", 2))
+def max_retries() -> int:
+    return settings.number("BENCH_MAX_RETRIES")
 
 NOT_RETRIED = ("diverged", "surplus", "duplicate_of")  # failed by its own result, or never run
 
@@ -75,7 +75,7 @@ def failed_tries(trial: FrozenTrial) -> int:
 
 
 def exhausted(trial: FrozenTrial) -> bool:
-    return lost(trial) and not trial.user_attrs.get("interrupted") and failed_tries(trial) > MAX_RETRIES
+    return lost(trial) and not trial.user_attrs.get("interrupted") and failed_tries(trial) > max_retries()
 
 
 def tries(trial: FrozenTrial) -> list[int]:
@@ -105,7 +105,7 @@ def settle(study: optuna.Study, trial: FrozenTrial, retry_reason: str, error: st
     numbers = ", ".join(map(str, tries(trial)))
     say(f"trial {trial.number:>3}  params {trial.user_attrs.get('n_params', 0):>6,}  val acc      -  test acc      -  "
         f"FAILED after {failed_tries(trial)} tries (trials {numbers}): {error}; configuration marked failed, not re-queued "
-        f"(BENCH_MAX_RETRIES={MAX_RETRIES})")
+        f"(BENCH_MAX_RETRIES={max_retries()})")
     end_trial_run(study, trial, f"{error}; retries used up: {failed_tries(trial)} tries failed (trials {numbers}), configuration marked failed",
                   {"bench.retries_exhausted": failed_tries(trial)})
     return False

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import time
 import warnings
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import optuna
 
-from .. import faults, tracking
+from .. import faults, settings, tracking
 from ..errors import ConfigError, TrackingError
 from . import journal
 from .recovery import on_stale_trial
@@ -21,7 +20,8 @@ from .recovery import on_stale_trial
 DEFAULT_STORAGE_FILE = Path("mlruns") / "optuna.journal"
 
 
-HEARTBEAT_SECONDS = int(os.environ.get("BENCH_HEARTBEAT_SECONDS", 20))
+def heartbeat_seconds() -> int:
+    return settings.number("BENCH_HEARTBEAT_SECONDS")
 
 
 CONNECT_TIMEOUT_SECONDS = 10
@@ -30,7 +30,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 def open_storage(url: str | None) -> optuna.storages.BaseStorage:
     """An Optuna storage: a journal file under mlruns/ by default (safe for several local processes),
     or any storage URL (sqlite:///..., postgresql://...). RDB storages get Optuna's heartbeat: a
-    trial whose worker stops beating for ``3 * HEARTBEAT_SECONDS`` is failed and re-queued."""
+    trial whose worker stops beating for ``3 * heartbeat_seconds()`` is failed and re-queued."""
     try:
         if url is None or url.endswith(".journal"):
             return open_journal(Path(url or DEFAULT_STORAGE_FILE))
@@ -40,7 +40,7 @@ def open_storage(url: str | None) -> optuna.storages.BaseStorage:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeat_interval
-                    return QuietHeartbeatRDBStorage(rdb_url(url), heartbeat_interval=HEARTBEAT_SECONDS, grace_period=3 * HEARTBEAT_SECONDS,
+                    return QuietHeartbeatRDBStorage(rdb_url(url), heartbeat_interval=heartbeat_seconds(), grace_period=3 * heartbeat_seconds(),
                                                     engine_kwargs=engine_kwargs(url), **{callback: on_stale_trial})
             except Exception as err:
                 # Workers starting at once on an empty database race to create Optuna's tables

@@ -17,13 +17,13 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 import torch
 
-from .. import faults, interrupt, tracking
+from .. import faults, interrupt, settings, tracking
 from ..console import plural
 from ..config import Experiment
 from ..errors import BenchError, ConfigError, DivergedError, TrackingError
 from ..run import load_data
 from ..runtime import default_device, resolve_runtime, setup_threads
-from .storage import HEARTBEAT_SECONDS, open_storage, storage_label, heartbeat_enabled
+from .storage import heartbeat_seconds, open_storage, storage_label, heartbeat_enabled
 from .options import TuneOptions
 from .space import baseline_params, check_fixed_recipe, check_search_space, create_pruner, create_sampler, enqueue_baseline, rungs, sampler_seed, trial_epochs
 from .recovery import finished, finished_count, counted, fail_dead_local_trials, guard, recover
@@ -85,6 +85,7 @@ def run_study(exp: Experiment, opts: TuneOptions, console: Console | None = None
     study's total and its MLflow parent run.
     """
     console = console or Console()
+    settings.check()  # BENCH_MAX_RETRIES is read only when a worker dies: a bad value fails here, not hours in
     epochs = trial_epochs(exp, opts)
     setup_threads(opts.threads)
     uri = tracking.setup(opts.tracking_uri)
@@ -194,7 +195,7 @@ def wait_for_others(study: optuna.Study, target: int, console: Console) -> int:
         if not announced:
             console.print(f"waiting for {running} running trial(s) of other workers (a dead worker's trial is re-run here)")
             announced = True
-        interrupt.sleep(HEARTBEAT_SECONDS)
+        interrupt.sleep(heartbeat_seconds())
 
 
 def pruner_label(exp: Experiment, opts: TuneOptions, epochs: int) -> str:
