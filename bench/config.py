@@ -95,6 +95,9 @@ class TrainConfig:
     erasing: float = 0.0  # probability of random erasing per training image (torchvision's box sizes); 0 = off
     mixup: float = 0.0  # alpha of MixUp's Beta(alpha, alpha); 0 = off
     cutmix: float = 0.0  # alpha of CutMix; with mixup too, each batch uses one of the two
+    teacher: str = ""  # distil from this study's finished confirm runs (or run ids joined by +); bench/teacher.py
+    distill: float = 0.0  # weight of the teachers' soft labels in the loss; 0 = off
+    distill_temperature: float = 4.0  # softens teacher and student alike in the soft part
     val_size: int = 5000
     train_subset: int = 0  # train on the first N images of the training split; 0 = all
     seed: int = 0
@@ -378,6 +381,10 @@ def validate(exp: Experiment) -> None:
             raise ConfigError(f"{name} applies to preset {preset}, not {m.preset!r}; remove it or set {name}={shown}")
     if m.stem_kind == "whiten" and m.stem:
         raise ConfigError(f"stem = {m.stem}: the whitening stem has 24 channels (12 directions and their negatives); set stem=0")
+    if bool(t.distill) != bool(t.teacher):
+        raise ConfigError("distill and teacher go together: set both (e.g. teacher=gated_bn distill=0.5) or neither")
+    if t.distill and (t.mixup or t.cutmix):
+        raise ConfigError("distill with mixup/cutmix: the teachers label whole images, not mixed ones; set mixup=0 cutmix=0")
     if t.optimizer == "sgd" and t.nesterov and t.momentum == 0:
         raise ConfigError("nesterov = true needs momentum > 0; set momentum (e.g. 0.9) or nesterov=false")
 

@@ -35,12 +35,13 @@ BIN_DIR, PY_DIR = "cifar-10-batches-bin", "cifar-10-batches-py"
 class Split:
     images: torch.Tensor  # uint8 [N, 3, 32, 32]
     labels: torch.Tensor  # int64 [N]
+    soft: torch.Tensor | None = None  # float [N, classes]: teachers' probabilities, when distilling
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, n: int) -> "Split":
-        return Split(self.images[:n], self.labels[:n])
+        return Split(self.images[:n], self.labels[:n], None if self.soft is None else self.soft[:n])
 
 
 @dataclass
@@ -206,7 +207,7 @@ def train_batches(
     dtype: torch.dtype = torch.float32,
     memory_format: torch.memory_format = torch.contiguous_format,
 ):
-    """Yield shuffled, augmented, normalised (images, labels) batches for one epoch."""
+    """Yield shuffled, augmented, normalised (images, labels, soft labels or None) batches for one epoch."""
     order = torch.randperm(len(split), generator=generator)
     for start in range(0, len(split), batch_size):
         idx = order[start : start + batch_size]
@@ -216,7 +217,8 @@ def train_batches(
             x = cutout(x, cutout_size, generator)
         if erasing:
             x = random_erasing(x, erasing, generator)
-        yield x.contiguous(memory_format=memory_format), split.labels[idx].to(device, non_blocking=True)
+        soft = None if split.soft is None else split.soft[idx].to(device, non_blocking=True)
+        yield x.contiguous(memory_format=memory_format), split.labels[idx].to(device, non_blocking=True), soft
 
 
 def eval_batches(

@@ -42,6 +42,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "mixup": (lambda v: v >= 0, "must be >= 0 (Beta alpha, e.g. 0.2; 0 = off)"),
     "cutmix": (lambda v: v >= 0, "must be >= 0 (Beta alpha, e.g. 1.0; 0 = off)"),
     "lr_warmup_epochs": (lambda v: v >= 0, "must be >= 0 (0 = no warm-up)"),
+    "distill": (_between(0, 1), "must be in [0, 1] (the soft labels' weight; 0 = off)"),
+    "distill_temperature": (lambda v: v > 0, "must be > 0 (e.g. 4; 1 = the teachers' own probabilities)"),
     "drop_path": (_between(0, 1, hi_open=True), "must be in [0, 1) (0 = off)"),
     "layer_scale": (_between(0, 1), "must be in [0, 1] (0 = off, e.g. 0.1)"),
     **{name: (lambda v: v in (1, 2), "must be 1 or 2") for name in ("stride2", "stride3")},

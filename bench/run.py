@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from . import faults, interrupt, tracking
+from . import faults, interrupt, teacher, tracking
 from .checkpoint import EpochCheckpoint
 from .config import Experiment
 from .console import epoch_progress, table
@@ -65,6 +65,8 @@ def train_tracked(
         if on_epoch:
             on_epoch(epoch, record)
 
+    if exp.train.distill:
+        data = with_teachers(exp, data, rt, console or Console(), track)
     images = min(len(data.train), exp.train.train_subset or len(data.train))
     with epoch_progress(console, exp.train.epochs, images, label, first_epoch=resumed_epochs + 1) as (on_step, show_epoch):
         result = fit(model, data, exp.train, rt, on_epoch=after_epoch, on_step=on_step, checkpoint=checkpoint)
@@ -78,6 +80,22 @@ def train_tracked(
         tracking.log_predictions(result.test_predictions, data.test)  # the pass that gave test_acc
         tracking.log_model(model, registered_name)
     return model, result
+
+
+def with_teachers(exp: Experiment, data: CIFAR10, rt: Runtime, console: Console, track: bool) -> CIFAR10:
+    """``data`` whose training split carries the teachers' soft labels (``bench.teacher``). A resumed run
+    keeps the teachers it started with (its tag), though more runs of the study may have finished since."""
+    import mlflow
+
+    active = mlflow.active_run() if track else None
+    started_with = active and mlflow.get_run(active.info.run_id).data.tags.get(teacher.TAG_TEACHERS)
+    run_ids = started_with.split("+") if started_with else teacher.resolve(exp.train.teacher, data.digest)
+    if track and not started_with:
+        tracking.set_tags({teacher.TAG_TEACHERS: "+".join(run_ids)})
+    console.print(f"distilling from {len(run_ids)} teacher run(s) of {exp.train.teacher!r} (weight {exp.train.distill:g}, "
+                  f"temperature {exp.train.distill_temperature:g})")
+    soft = teacher.soft_labels(run_ids, data.train, rt, exp.train.distill_temperature, say=console.print)
+    return dataclasses.replace(data, train=dataclasses.replace(data.train, soft=soft))
 
 
 def save_checkpoint(model: torch.nn.Module, exp: Experiment, path: str | Path) -> None:
@@ -122,6 +140,8 @@ def run_training(
     build_model(exp)  # budget check before loading data
     track = tracking_uri is not None
     uri = tracking.setup(tracking_uri or None) if track else None
+    if exp.train.teacher and not track:  # the teachers are read from the store even when this run is not logged
+        tracking.setup(None)
     data = load_data(exp, data_dir, download)
     console.print(f"data {data.source} ({len(data.train):,} train / {len(data.val):,} val / {len(data.test):,} test); {rt.describe()}")
     lost = faults.tracking_lost(uri, "bench train keeps no checkpoint (bench confirm does)") if track else contextlib.nullcontext()

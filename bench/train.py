@@ -22,6 +22,7 @@ from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batche
 from .errors import DivergedError
 from .models.stems import WHITEN_IMAGES, whitening_layers
 from .runtime import Runtime, check_compiler, resolve_runtime
+from .teacher import distill_loss
 
 
 @dataclass
@@ -101,12 +102,15 @@ def train_one_epoch(
         memory_format=rt.memory_format,
     )
     mix = batch_mixer(cfg.mixup, cfg.cutmix, len(CLASSES))
-    for step, (x, y) in enumerate(batches, 1):
+    for step, (x, y, teacher_probs) in enumerate(batches, 1):
         interrupt.check()
         x, targets = mix(x, y)  # soft targets under mixup / cutmix
         with rt.autocast:
             logits = model(x)
-            loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            if teacher_probs is None:
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=cfg.label_smoothing)
+            else:
+                loss = distill_loss(logits.float(), targets, teacher_probs, cfg)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norms.add(clip_gradients(model, cfg.grad_clip))

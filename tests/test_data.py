@@ -321,19 +321,22 @@ def test_normalized_real_images_are_standardised(real_cifar):
 
 
 def test_train_batches_cover_the_split_once_shuffled_and_seeded():
-    split = Split(random_images(50), torch.arange(50) % 10)
+    soft = torch.softmax(torch.randn(50, 10), 1)
+    split = Split(random_images(50), torch.arange(50) % 10, soft)
     batches = list(train_batches(split, 16, torch.Generator().manual_seed(0), torch.device("cpu"), padding=0, flip=False))
-    assert [len(y) for _, y in batches] == [16, 16, 16, 2]
-    x = torch.cat([b for b, _ in batches])
+    assert [len(y) for _, y, _ in batches] == [16, 16, 16, 2]
+    x = torch.cat([b for b, _, _ in batches])
     assert x.dtype == torch.float32 and x.shape == (50, 3, 32, 32)
     # every image once: match each output to its source by value
     source = normalize(split.images)
     order = [int(((source - xi).abs().flatten(1).sum(1) == 0).nonzero()) for xi in x]
     assert sorted(order) == list(range(50)) and order != list(range(50))
-    labels = torch.cat([y for _, y in batches])
+    labels = torch.cat([y for _, y, _ in batches])
     assert torch.equal(labels, split.labels[order])
-    again = torch.cat([b for b, _ in train_batches(split, 16, torch.Generator().manual_seed(0), torch.device("cpu"), padding=0, flip=False)])
+    assert torch.equal(torch.cat([t for _, _, t in batches]), soft[order])  # a teacher's soft labels travel with their image
+    again = torch.cat([b for b, _, _ in train_batches(split.take(50), 16, torch.Generator().manual_seed(0), torch.device("cpu"), padding=0, flip=False)])
     assert torch.equal(x, again)
+    assert all(t is None for *_, t in train_batches(Split(split.images, split.labels), 16, torch.Generator(), torch.device("cpu")))
 
 
 def test_eval_batches_keep_order():

@@ -1,0 +1,109 @@
+"""Distillation from finished runs: the soft labels an ensemble of trained models gives the training images.
+
+``teacher = "gated_bn"`` names the MLflow experiment (study) whose finished ``bench confirm`` runs teach
+(or ``"<run id>+<run id>..."`` names the runs); ``distill`` is the weight of their soft labels in the loss
+and ``distill_temperature`` how much both sides are softened (Hinton et al., 2015). The teachers' class
+probabilities of every training image, averaged over the teachers and the image's mirror, are computed
+once before the first epoch and kept beside the store (``mlruns/teachers/``): a step then costs what an
+undistilled one does, the price being that a random crop sees the label of the uncropped image.
+Teachers are runs trained from labels alone (not themselves distilled) on the same CIFAR-10 split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .config import TrainConfig
+from .data import Split, eval_batches
+from .errors import ConfigError
+from .runtime import Runtime
+
+TAG_TEACHERS = "bench.teacher_runs"  # the run ids a distilled run learnt from, resolved at its start
+
+
+def teacher_dir() -> Path:
+    return Path(os.environ.get("BENCH_TEACHER_DIR") or "mlruns/teachers")
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """(1 - distill) x the usual cross-entropy + distill x T^2 x KL(teacher || student), both softened by T.
+    T^2 keeps the soft part's gradients at the hard part's scale whatever T (Hinton et al.)."""
+    hard = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    t = cfg.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), teacher_probs, reduction="batchmean") * t * t
+    return (1 - cfg.distill) * hard + cfg.distill * soft
+
+
+def resolve(spec: str, data_digest: str) -> list[str]:
+    """The run ids of ``spec``: a study's finished, undistilled confirm runs with a model, or ``id+id...``."""
+    import mlflow
+
+    from . import tracking
+
+    client = mlflow.MlflowClient()
+    if "+" in spec or (len(spec) == 32 and all(c in "0123456789abcdef" for c in spec)):
+        runs = [fetch_run(client, run_id) for run_id in spec.split("+")]
+    else:
+        experiment = client.get_experiment_by_name(spec)
+        if experiment is None:
+            raise ConfigError(f"teacher = {spec!r}: no MLflow experiment of that name; name a study with finished "
+                              f"`bench confirm` runs, or runs as ID+ID")
+        query = f"attributes.status = 'FINISHED' and tags.`{tracking.TAG_KIND}` = 'confirm'"
+        runs = [r for r in client.search_runs([experiment.experiment_id], query, max_results=1000)
+                if not r.data.params.get("teacher")]
+    runs = [r for r in runs if r.data.tags.get("bench.model_uri")]
+    if not runs:
+        raise ConfigError(f"teacher = {spec!r}: no finished run with a logged model to learn from; run `bench confirm` first")
+    for run in runs:
+        if run.data.tags.get("bench.data_digest", data_digest) != data_digest:
+            raise ConfigError(f"teacher run {run.info.run_id} was trained on other data (digest "
+                              f"{run.data.tags['bench.data_digest'][:12]}, here {data_digest[:12]}); pick teachers of this CIFAR-10 copy")
+    return sorted(r.info.run_id for r in runs)
+
+
+def fetch_run(client, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id)
+    except MlflowException:
+        raise ConfigError(f"teacher run {run_id!r} not found in this tracking store") from None
+
+
+def soft_labels(run_ids: list[str], split: Split, rt: Runtime, temperature: float, say=print) -> torch.Tensor:
+    """[N, classes] probabilities of ``split``'s images at ``temperature``: the mean over the runs' models
+    and each image's mirror. Read from the cache when these runs labelled these images before."""
+    key = hashlib.sha256("+".join(run_ids).encode() + f"|{temperature:g}|".encode()
+                         + hashlib.sha256(split.images.numpy().tobytes()).digest()).hexdigest()[:24]
+    path = teacher_dir() / f"{key}.pt"
+    if path.exists():
+        return torch.load(path)
+    from .tracking.reading import load_run_model
+    import mlflow
+
+    total = torch.zeros(len(split), 10)
+    for number, run_id in enumerate(run_ids, 1):
+        say(f"teacher {number}/{len(run_ids)}: labelling {len(split):,} training images with run {run_id}")
+        model = load_run_model(mlflow.MlflowClient().get_run(run_id)).to(rt.device, memory_format=rt.memory_format).eval()
+        total += ensemble_member_probs(model, split, rt, temperature)
+    probs = total / len(run_ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(probs, partial)
+    partial.replace(path)
+    return probs
+
+
+@torch.inference_mode()
+def ensemble_member_probs(model: torch.nn.Module, split: Split, rt: Runtime, temperature: float) -> torch.Tensor:
+    out = []
+    for x, _ in eval_batches(split, 256, rt.device, memory_format=rt.memory_format):
+        with rt.autocast:
+            probs = (F.softmax(model(x).float() / temperature, 1) + F.softmax(model(x.flip(3)).float() / temperature, 1)) / 2
+        out.append(probs.cpu())
+    return torch.cat(out)
