@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -86,16 +87,21 @@ def soft_labels(run_ids: list[str], split: Split, rt: Runtime, temperature: floa
     from .tracking.reading import load_run_model
     import mlflow
 
-    total = torch.zeros(len(split), 10)
+    start, total = time.perf_counter(), torch.zeros(len(split), 10)
     for number, run_id in enumerate(run_ids, 1):
         say(f"teacher {number}/{len(run_ids)}: labelling {len(split):,} training images with run {run_id}")
-        model = load_run_model(mlflow.MlflowClient().get_run(run_id)).to(rt.device, memory_format=rt.memory_format).eval()
-        total += ensemble_member_probs(model, split, rt, temperature)
+        try:
+            model = load_run_model(mlflow.MlflowClient().get_run(run_id)).to(rt.device, memory_format=rt.memory_format).eval()
+            total += ensemble_member_probs(model, split, rt, temperature)
+        except Exception as err:  # a model logged by older code, a missing artifact: name the run, not a traceback
+            raise ConfigError(f"teacher run {run_id}: its logged model could not label the images ({type(err).__name__}: {err}); "
+                              f"leave it out by naming the other runs, teacher=ID+ID") from None
     probs = total / len(run_ids)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     torch.save(probs, partial)
     partial.replace(path)
+    say(f"teachers' labels computed in {time.perf_counter() - start:.0f} s, kept in {path} for the next run with these teachers")
     return probs
 
 

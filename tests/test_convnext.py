@@ -124,6 +124,19 @@ def test_the_fused_weight_gradient_is_off_where_a_groupnorm_follows_the_conv(nor
     assert convs and all(conv.fused_weight_grad is fused for conv in convs)
 
 
+def test_a_model_pickled_before_the_fused_path_existed_still_runs():
+    """MLflow logs whole pickled modules: a gated_bn final logged before ``fused_weight_grad`` was added
+    has convs without the attribute, and a teacher or a report loading it must not fail on it."""
+    import pickle
+
+    model = create_model(**default("bn")).eval()
+    for conv in (m for m in model.modules() if isinstance(m, DepthwiseConv2d)):
+        del conv.__dict__["fused_weight_grad"]  # as the older code pickled it
+    old = pickle.loads(pickle.dumps(model))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(old(x), model(x))
+
+
 def test_over_budget_shape_is_refused_naming_its_count():
     kwargs = default("bn", width3=64, blocks2=2)
     n = count_params_fast(**kwargs)

@@ -87,3 +87,18 @@ def test_a_distilled_run_learns_from_its_teachers_soft_labels_cached_once(isolat
     monkeypatch.setattr("bench.tracking.reading.load_run_model", no_models)
     with tracking.run("train", "student-again", "train"):
         train_tracked(exp, data, rt)  # same teachers, same images: read, not recomputed
+
+
+def test_a_teacher_whose_model_cannot_label_is_named_not_a_traceback(isolated_mlruns, monkeypatch):
+    run_id = tiny_run(isolated_mlruns)
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AttributeError("'DepthwiseConv2d' object has no attribute 'fused_weight_grad'")
+
+    monkeypatch.setattr("bench.tracking.reading.load_run_model", lambda run: Broken())
+    data = random_cifar(isolated_mlruns)
+    rt = resolve_runtime(TrainConfig(), "bn", torch.device("cpu"))
+    with pytest.raises(ConfigError, match=f"teacher run {run_id}: its logged model could not label the images .AttributeError"):
+        teacher.soft_labels([run_id], data.train, rt, 4.0)
+    assert not list((isolated_mlruns / "mlruns").glob("teachers/*.pt"))  # nothing half-made is cached

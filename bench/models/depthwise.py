@@ -21,6 +21,8 @@ class DepthwiseConv2d(nn.Conv2d):
     turned off with ``fused_weight_grad=False``. Same parameters and names as nn.Conv2d, so logged models
     load into either."""
 
+    fused_weight_grad = True  # a class default too: models pickled before this field existed lack the attribute
+
     def __init__(self, *args, fused_weight_grad: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.fused_weight_grad = fused_weight_grad
