@@ -95,6 +95,8 @@ def with_teachers(exp: Experiment, data: CIFAR10, rt: Runtime, console: Console,
     console.print(f"distilling from {len(run_ids)} teacher run(s) of {exp.train.teacher!r} (weight {exp.train.distill:g}, "
                   f"temperature {exp.train.distill_temperature:g})")
     soft = teacher.soft_labels(run_ids, data.train, rt, exp.train.distill_temperature, say=console.print)
+    agree = (soft.argmax(1) == data.train.labels).float().mean().item()
+    console.print(f"the teachers' most likely class is the label of {agree:.1%} of the training images")
     return dataclasses.replace(data, train=dataclasses.replace(data.train, soft=soft))
 
 
