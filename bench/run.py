@@ -83,7 +83,7 @@ def train_tracked(
 
 
 def with_teachers(exp: Experiment, data: CIFAR10, rt: Runtime, console: Console, track: bool) -> CIFAR10:
-    """``data`` whose training split carries the teachers' soft labels (``bench.teacher``). A resumed run
+    """``data`` whose training split carries the teachers' soft labels (bench/teacher.py). A resumed run
     keeps the teachers it started with (its tag), though more runs of the study may have finished since."""
     import mlflow
 

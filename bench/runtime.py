@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TrainConfig
 from . import settings
+from .config import TrainConfig
 from .errors import ConfigError
 
 # Measured per norm on this project's CPUs (README, "Speed"): channels-last helps BatchNorm and the
