@@ -2,9 +2,9 @@
 
 ``teacher = "gated_bn"`` names the MLflow experiment (study) whose finished ``bench confirm`` runs teach
 (or ``"<run id>+<run id>..."`` names the runs); ``distill`` is the weight of their soft labels in the loss
-and ``distill_temperature`` how much both sides are softened (Hinton et al., 2015). The teachers' class
-probabilities of every training image, averaged over the teachers and the image's mirror, are computed
-once before the first epoch and kept beside the store (``mlruns/teachers/``): a step then costs what an
+and ``distill_temperature`` how much both sides are softened (Hinton et al., 2015; the loss is
+``train.distill_loss``). The teachers' class probabilities of every training image, averaged over the
+teachers and the image's mirror, are computed once before the first epoch and kept beside the store (``mlruns/teachers/``): a step then costs what an
 undistilled one does, the price being that a random crop sees the label of the uncropped image.
 Teachers are runs trained from labels alone (not themselves distilled) on the same CIFAR-10 split.
 """
@@ -19,25 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .config import TrainConfig
-from .data import Split, eval_batches
+from .data import Split
 from .errors import ConfigError
 from .runtime import Runtime
+from .train import predict
 
 TAG_TEACHERS = "bench.teacher_runs"  # the run ids a distilled run learnt from, resolved at its start
 
 
 def teacher_dir() -> Path:
     return Path(os.environ.get("BENCH_TEACHER_DIR") or "mlruns/teachers")
-
-
-def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
-    """(1 - distill) x the usual cross-entropy + distill x T^2 x KL(teacher || student), both softened by T.
-    T^2 keeps the soft part's gradients at the hard part's scale whatever T (Hinton et al.)."""
-    hard = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
-    t = cfg.distill_temperature
-    soft = F.kl_div(F.log_softmax(logits / t, dim=1), teacher_probs, reduction="batchmean") * t * t
-    return (1 - cfg.distill) * hard + cfg.distill * soft
 
 
 def resolve(spec: str, data_digest: str) -> list[str]:
@@ -105,11 +96,7 @@ def soft_labels(run_ids: list[str], split: Split, rt: Runtime, temperature: floa
     return probs
 
 
-@torch.inference_mode()
 def ensemble_member_probs(model: torch.nn.Module, split: Split, rt: Runtime, temperature: float) -> torch.Tensor:
-    out = []
-    for x, _ in eval_batches(split, 256, rt.device, memory_format=rt.memory_format):
-        with rt.autocast:
-            probs = (F.softmax(model(x).float() / temperature, 1) + F.softmax(model(x.flip(3)).float() / temperature, 1)) / 2
-        out.append(probs.cpu())
-    return torch.cat(out)
+    """One teacher's probabilities at ``temperature``, the mean over each image and its mirror."""
+    mirrored = Split(split.images.flip(3), split.labels)
+    return (F.softmax(predict(model, split, rt) / temperature, 1) + F.softmax(predict(model, mirrored, rt) / temperature, 1)) / 2

@@ -22,7 +22,6 @@ from .data import CIFAR10, CLASSES, Split, eval_batches, normalize, train_batche
 from .errors import DivergedError
 from .models.stems import WHITEN_IMAGES, whitening_layers
 from .runtime import Runtime, check_compiler, resolve_runtime
-from .teacher import distill_loss
 
 
 @dataclass
@@ -127,6 +126,15 @@ def train_one_epoch(
                 on_step(seen, total_loss.item() / seen, correct.item() / seen)
     _check_finite(total_loss, step, optimizer)
     return total_loss.item() / seen, correct.item() / seen, grad_norms.summary()
+
+
+def distill_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """(1 - distill) x the usual cross-entropy + distill x T^2 x KL(teacher || student), both softened by T.
+    T^2 keeps the soft part's gradients at the hard part's scale whatever T (Hinton et al.)."""
+    hard = F.cross_entropy(logits, targets, label_smoothing=cfg.label_smoothing)
+    t = cfg.distill_temperature
+    soft = F.kl_div(F.log_softmax(logits / t, dim=1), teacher_probs, reduction="batchmean") * t * t
+    return (1 - cfg.distill) * hard + cfg.distill * soft
 
 
 def clip_gradients(model: nn.Module, max_norm: float) -> torch.Tensor:

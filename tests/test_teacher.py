@@ -1,4 +1,4 @@
-"""Distillation from finished runs (bench/teacher.py): the loss, the checks, and a distilled run end to end."""
+"""Distillation from finished runs (bench/teacher.py, train.distill_loss): the loss, the checks, and a distilled run end to end."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from bench.cli import cli
 from bench.config import TrainConfig
 from bench.errors import ConfigError
 from bench.run import train_tracked
-from bench.train import resolve_runtime
+from bench.train import distill_loss, resolve_runtime
 
 from test_cli import assert_user_error
 from test_mlflow import REPO, random_cifar, tiny_run
@@ -22,10 +22,10 @@ from test_mlflow import REPO, random_cifar, tiny_run
 def test_the_loss_is_cross_entropy_without_teachers_and_zero_soft_part_when_the_student_agrees():
     logits, labels = torch.randn(8, 10), torch.arange(8)
     cfg = TrainConfig(teacher="t", distill=0.0, distill_temperature=4.0)
-    assert torch.allclose(teacher.distill_loss(logits, labels, torch.full((8, 10), 0.1), cfg), F.cross_entropy(logits, labels))
+    assert torch.allclose(distill_loss(logits, labels, torch.full((8, 10), 0.1), cfg), F.cross_entropy(logits, labels))
     agreeing = F.softmax(logits / 4.0, 1)  # the teacher's probabilities at T equal the student's: KL 0
     cfg = TrainConfig(teacher="t", distill=0.25, distill_temperature=4.0)
-    assert torch.allclose(teacher.distill_loss(logits, labels, agreeing, cfg), 0.75 * F.cross_entropy(logits, labels), atol=1e-6)
+    assert torch.allclose(distill_loss(logits, labels, agreeing, cfg), 0.75 * F.cross_entropy(logits, labels), atol=1e-6)
 
 
 def test_the_soft_part_pulls_the_student_toward_the_teacher():
@@ -34,7 +34,7 @@ def test_the_soft_part_pulls_the_student_toward_the_teacher():
     for t in (1.0, 4.0):
         logits.grad = None
         cfg = TrainConfig(teacher="t", distill=1.0, distill_temperature=t)
-        teacher.distill_loss(logits, torch.zeros(4, dtype=torch.long), target, cfg).backward()  # the hard labels (0) weigh nothing
+        distill_loss(logits, torch.zeros(4, dtype=torch.long), target, cfg).backward()  # the hard labels (0) weigh nothing
         # d/ds of T^2 KL(p || softmax(s/T)), averaged over the batch: T (softmax(s/T) - p) / B
         expected = t * (F.softmax(logits.detach() / t, 1) - target) / 4
         assert torch.allclose(logits.grad, expected, atol=1e-6)
