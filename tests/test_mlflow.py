@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -25,6 +26,7 @@ from bench import config, inference, servers, tracking
 from bench.tracking import mlflow_log
 from bench.cli import cli
 from bench.data import CLASSES, CIFAR10, Split, normalize
+from bench.models.depthwise import DepthwiseConv2d
 from bench.run import train_tracked
 from bench.train import resolve_runtime
 from bench.tune import TuneOptions
@@ -43,9 +45,10 @@ def random_cifar(folder: Path) -> CIFAR10:
     return CIFAR10(split(120), split(40), split(40), source=f"bin:{folder}", digest="random")
 
 
-def tiny_run(root: Path, registered_name: str | None = None) -> str:
-    """One tracked 1-epoch training run of the seed BN model; returns its run id."""
-    exp = config.override(config.load(REPO / "experiments" / "bn.toml"), epochs=1, batch_size=40, eval_batch_size=40, val_size=40)
+def tiny_run(root: Path, registered_name: str | None = None, experiment: str = "bn.toml", **settings) -> str:
+    """One tracked 1-epoch training run (of the seed BN model unless told); returns its run id."""
+    exp = config.override(config.load(REPO / "experiments" / experiment), epochs=1, batch_size=40, eval_batch_size=40,
+                          val_size=40, **settings)
     rt = resolve_runtime(exp.train, "bn", torch.device("cpu"))
     tracking.setup()
     with tracking.run("train", "tiny", "train") as active:
@@ -130,6 +133,42 @@ def test_load_model_unwraps_only_the_raw_image_wrapper():
     net = torch.nn.Conv2d(3, 10, 1)
     assert inference.unwrap(inference.RawImageModel(net)) is net
     assert inference.unwrap(net) is net  # a model logged before the wrapper
+
+
+def log_as_older_code_did(run_id: str, monkeypatch) -> None:
+    """Re-log the run's model as code from before ``DepthwiseConv2d.fused_weight_grad`` pickled it: the
+    attribute is in neither the instances nor (as with any attribute added without a class default) the class."""
+    packaged = mlflow.pytorch.load_model(model_uri(run_id))
+    for conv in (m for m in packaged.modules() if isinstance(m, DepthwiseConv2d)):
+        del conv.__dict__["fused_weight_grad"]
+    monkeypatch.delattr(DepthwiseConv2d, "fused_weight_grad")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(packaged, name="older", serialization_format="pickle")
+        mlflow.set_tag("bench.model_uri", info.model_uri)
+
+
+def test_a_model_logged_by_older_code_is_rebuilt_from_its_run_and_runs(isolated_mlruns, monkeypatch):
+    run_id = tiny_run(isolated_mlruns, experiment="gated_bn.toml", compile=False)
+    images = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.inference_mode():
+        expected = tracking.load_model(model_uri(run_id)).eval()(images)
+    log_as_older_code_did(run_id, monkeypatch)
+
+    as_pickled = tracking.load_model(model_uri(run_id)).eval()
+    with pytest.raises(AttributeError, match="fused_weight_grad"), torch.inference_mode():
+        as_pickled(images)  # what a teacher or `bench rescore` loaded before
+    rebuilt = tracking.load_run_model(mlflow.get_run(run_id))
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(images), expected)
+
+
+def test_a_run_whose_settings_do_not_build_its_weights_keeps_the_pickled_model(isolated_mlruns):
+    run = mlflow.get_run(tiny_run(isolated_mlruns))
+    other_shape = SimpleNamespace(data=SimpleNamespace(tags=run.data.tags, params={**run.data.params, "width": "2.0"}))
+    images = normalize(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    with torch.inference_mode():
+        torch.testing.assert_close(tracking.load_run_model(other_shape)(images),
+                                   tracking.load_run_model(run)(images))
 
 
 def readme_snippet() -> str:

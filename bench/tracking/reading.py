@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import ModelConfig, coerce, hyperparameter_types, with_added_fields
+from ..errors import ConfigError
 from .store import TAG_KIND, mask_url
 from .models import load_model
 
@@ -47,9 +50,31 @@ def get_run(run_id: str) -> Any | None:
 
 
 def load_run_model(run) -> torch.nn.Module | None:
-    """The model ``run`` logged (``log_model``), on the CPU; None when it logged none."""
+    """The model ``run`` logged (``log_model``), on the CPU, as today's code builds it; None when it logged none.
+
+    The logged model is a pickled module: it keeps the attributes its classes had when it was logged, and
+    in this process those classes are today's, whose ``forward`` may read attributes added since. So the
+    network is rebuilt from the run's logged model settings and given the logged weights, as a checkpoint
+    is; a run whose settings no longer build those weights keeps the module as it was pickled."""
+    from ..models import create_model  # here, so reading runs (bench report) imports no model code
+
     uri = run.data.tags.get("bench.model_uri")
-    return load_model(uri) if uri else None
+    if not uri:
+        return None
+    logged = load_model(uri)
+    try:
+        rebuilt = create_model(**model_settings(run.data.params))
+        rebuilt.load_state_dict(logged.state_dict())
+    except (ConfigError, TypeError, KeyError, RuntimeError):  # settings or weights of another shape
+        return logged
+    return rebuilt.eval()
+
+
+def model_settings(params: dict[str, str]) -> dict[str, Any]:
+    """A run's logged params (text) as ``ModelConfig`` fields, typed; fields added since at their defaults."""
+    saved = with_added_fields(params)
+    types = hyperparameter_types()
+    return {f.name: coerce(f.name, saved[f.name], types[f.name]) for f in dataclasses.fields(ModelConfig)}
 
 
 def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
