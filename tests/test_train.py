@@ -270,13 +270,15 @@ def test_a_collapsed_run_stops_two_epochs_after_collapsing(small_cifar):
 
     def on_epoch(epoch, record):
         epochs.append((epoch, record["val_acc"]))
-        dead.append(epoch)  # dead from the second epoch on
+        if dead or record["val_acc"] > 0.3:  # dead once it has learnt: one epoch on some CPUs, a few on others
+            dead.append(epoch)
 
-    config = cfg(epochs=6, schedule="constant", lr=0.05, batch_size=32)
+    config = cfg(epochs=12, schedule="constant", lr=0.05, batch_size=32)
     with pytest.raises(DivergedError, match="collapsed"):
         fit(model, tiny(small_cifar, n_train=1000), config, resolve_runtime(config, "bn"), on_epoch=on_epoch)
-    assert [e for e, _ in epochs] == [1, 2, 3]
-    assert epochs[0][1] > 0.3 and all(acc < 0.15 for _, acc in epochs[1:])
+    learnt = dead[0]
+    assert [e for e, _ in epochs] == list(range(1, learnt + 3))
+    assert epochs[learnt - 1][1] > 0.3 and all(acc < 0.15 for _, acc in epochs[learnt:])
 
 
 # ---------------------------------------------------------------- evaluate and predict
