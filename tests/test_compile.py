@@ -59,11 +59,14 @@ def test_a_compiled_step_learns_what_the_eager_step_learns(small_cifar):
     assert compiled.test_acc == pytest.approx(eager.test_acc, abs=0.01)
 
 
-@needs_compiler
-def test_a_compiled_depthwise_conv_computes_its_weight_gradient_as_a_fused_sum(monkeypatch):
+def compiled_depthwise_grads(monkeypatch, cpu_has_avx512: bool) -> list[int]:
+    """Compile a depthwise conv's loss, backpropagate, check its weight gradient against nn.Conv2d's;
+    returns the kernel size of every ``depthwise_weight_grad`` call the compiled backward made."""
     calls = []
+    monkeypatch.setattr(bench.models.depthwise, "FUSED_WEIGHT_GRAD_WINS", cpu_has_avx512)
     monkeypatch.setattr(bench.models.depthwise, "depthwise_weight_grad",
                         lambda *args: calls.append(args[2]) or weight_grad(*args))
+    torch._dynamo.reset()
     torch.manual_seed(0)
     conv = DepthwiseConv2d(8, 8, 5, padding=2, groups=8, bias=False)
     plain = torch.nn.Conv2d(8, 8, 5, padding=2, groups=8, bias=False)
@@ -71,8 +74,18 @@ def test_a_compiled_depthwise_conv_computes_its_weight_gradient_as_a_fused_sum(m
     x = torch.randn(4, 8, 12, 12).contiguous(memory_format=torch.channels_last)
     torch.compile(lambda t: conv(t).square().sum(), dynamic=False)(x).backward()
     plain(x).square().sum().backward()
-    assert calls == [5]  # traced once into the compiled backward
     torch.testing.assert_close(conv.weight.grad, plain.weight.grad, rtol=1e-4, atol=1e-4)
+    return calls
+
+
+@needs_compiler
+def test_a_compiled_depthwise_conv_computes_its_weight_gradient_as_a_fused_sum_with_avx512(monkeypatch):
+    assert compiled_depthwise_grads(monkeypatch, cpu_has_avx512=True) == [5]  # traced once into the compiled backward
+
+
+@needs_compiler
+def test_without_avx512_a_compiled_depthwise_conv_keeps_onednns_weight_gradient(monkeypatch):
+    assert compiled_depthwise_grads(monkeypatch, cpu_has_avx512=False) == []
 
 
 def test_compile_is_not_part_of_a_recipe_a_study_or_a_checkpoint(tmp_path):
