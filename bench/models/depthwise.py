@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# Read when a step is compiled: Zen 4 and Xeon (AVX-512) 1.42x the gated_bn step; Zen 3 (AVX2) 0.84-0.89x.
+# Read when a step is compiled: on Zen 4 (AVX-512) 1.42x the gated_bn step; on Zen 3 (AVX2) 0.84-0.89x.
 FUSED_WEIGHT_GRAD_WINS = torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
