@@ -3,9 +3,8 @@ depthwise weight gradient, compiled with oneDNN's, and eager (oneDNN's).
 python docs/depthwise/step_ab.py [steps] [repeats]   (BENCH_DATA_DIR set)
 
 The three models start from the same weights; the second and third have every DepthwiseConv2d's
-fused_weight_grad off. The fused path is forced on for the
-first whatever the CPU (bench takes it only with AVX-512). Prints images/s of each repeat and the ratio
-of the medians."""
+fused_weight_grad off. The first takes the fused path whatever the CPU (bench itself takes it only with
+AVX-512). Prints images/s of each repeat and the ratios of the medians."""
 
 import copy
 import dataclasses
@@ -17,8 +16,7 @@ import torch
 
 from bench.config import load
 from bench.data import load_cifar10
-from bench.models import create_model
-from bench.models import depthwise
+from bench.models import create_model, depthwise
 from bench.models.depthwise import DepthwiseConv2d
 from bench.runtime import cpu_name, resolve_runtime
 from bench.speed.harness import epoch_runner
