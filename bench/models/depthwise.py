@@ -25,8 +25,8 @@ FUSED_WEIGHT_GRAD_WINS = torch.backends.cpu.get_cpu_capability().startswith("AVX
 
 class DepthwiseConv2d(nn.Conv2d):
     """A depthwise conv with the CPU paths above, the fused one only where ``plain_depthwise``, the CPU
-    has AVX-512 and it is not turned off with ``fused_weight_grad=False``. Same parameters and names as nn.Conv2d, so logged models
-    load into either."""
+    has AVX-512 and it is not turned off with ``fused_weight_grad=False``. Same parameters and names as
+    nn.Conv2d, so logged models load into either."""
 
     fused_weight_grad = True  # a class default too: models pickled before this field existed lack the attribute
 
